@@ -1,0 +1,110 @@
+"""The merged multiple-choice format ("DDM", SPEC section 1) and its row checks.
+
+One row per question: ``image`` (a ``datasets.Image`` value: bytes and/or path),
+``problem`` (question, then one ``X: option`` line per option) and ``solution``
+(the correct letter). The data module and ``python -m data_prep validate`` use the
+same checks, so a file that validates is a file that trains.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+from PIL import Image
+
+COLUMNS = ("image", "problem", "solution")
+LETTERS = "ABCDEFGHIJ"
+_OPTION_LINE = re.compile(r"^\s*([A-J])\s*[:：]", re.MULTILINE)
+# Pillow refuses images above this many pixels (decompression bombs); 1024x1024 thumbnails need far fewer.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+class BadRow(ValueError):
+    """A row that cannot be trained on; the message names the file, the row and the reason."""
+
+    def __init__(self, source: str, row: int, reason: str):
+        self.source, self.row, self.reason = source, row, reason
+        super().__init__(f"{source}: row {row}: {reason}")
+
+
+def ddm_features():
+    """The ``datasets`` schema of a DDM file."""
+    from datasets import Features, Image as ImageFeature, Value
+
+    return Features({"image": ImageFeature(), "problem": Value("string"), "solution": Value("string")})
+
+
+def missing_columns(column_names: list[str]) -> list[str]:
+    return [c for c in COLUMNS if c not in column_names]
+
+
+def option_letters(problem: str) -> list[str]:
+    """The letters of the ``X: text`` option lines of a problem, in order."""
+    return _OPTION_LINE.findall(problem)
+
+
+def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side: int | None = None) -> Image.Image:
+    """An RGB PIL image from a ``datasets.Image`` value (dict with bytes/path, PIL image, or raw bytes).
+
+    Palette, alpha, CMYK and grayscale images are converted to RGB (alpha composited on
+    white). ``max_side`` shrinks the image to fit in ``max_side x max_side`` keeping its
+    aspect ratio (``Image.thumbnail``). Anything unreadable raises :class:`BadRow`.
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        else:
+            if isinstance(value, dict):
+                data, path = value.get("bytes"), value.get("path")
+            elif isinstance(value, (bytes, bytearray)):
+                data, path = value, None
+            elif isinstance(value, str):
+                data, path = None, value
+            else:
+                raise BadRow(source, row, f"image has unsupported type {type(value).__name__}")
+            if data is None and not path:
+                raise BadRow(source, row, "image is missing (no bytes and no path)")
+            previous = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            try:
+                image = Image.open(io.BytesIO(data) if data is not None else path)
+                image.load()
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+        if image.width == 0 or image.height == 0:
+            raise BadRow(source, row, "image has zero size")
+        image = _to_rgb(image)
+        if max_side is not None and max(image.size) > max_side:
+            image.thumbnail((max_side, max_side))
+        return image
+    except BadRow:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise BadRow(source, row, f"image cannot be decoded ({type(error).__name__}: {error})") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def check_text(problem: Any, solution: Any, *, source: str = "<data>", row: int = -1) -> str:
+    """Check a row's text fields; returns the solution letter (upper-cased, stripped)."""
+    if not isinstance(problem, str) or not problem.strip():
+        raise BadRow(source, row, "problem is empty")
+    if not isinstance(solution, str) or solution.strip().upper() not in LETTERS or not solution.strip():
+        raise BadRow(source, row, f"solution {solution!r} is not a letter A-J")
+    letter = solution.strip().upper()
+    letters = option_letters(problem)
+    if letters and letter not in letters:
+        raise BadRow(source, row, f"solution {letter!r} is not among the options {''.join(letters)}")
+    return letter
