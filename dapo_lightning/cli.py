@@ -1,0 +1,43 @@
+"""``dapo-lightning``: the LightningCLI entry point.
+
+    dapo-lightning fit --config configs/demo.yaml
+    dapo-lightning fit --config configs/exp3.yaml --config configs/ablations/no_vgr.yaml
+    dapo-lightning fit --help        # every key, with its docstring
+
+Configs stack (the last one wins); callbacks are listed under ``trainer.callbacks``
+by ``class_path`` and can be removed from a YAML to ablate them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dapo_lightning.data import DDMDataModule
+from dapo_lightning.module import DAPOModule
+
+
+class DAPOLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The data module encodes prompts with the policy's own processor.
+        parser.link_arguments("model.policy.model_name_or_path", "data.processor")
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    DAPOLightningCLI(
+        DAPOModule,
+        DDMDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "dapo-lightning"},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,182 @@
+"""Typed configuration of ``DAPOModule``: one dataclass per concern, one docstring per field.
+
+The attribute docstrings are what ``dapo-lightning fit --help`` prints. Each
+``__post_init__`` rejects bad values with the config key in the message, so a
+wrong YAML fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dapo_lightning.advantages import SCALE_MODES
+from dapo_lightning.loss import IMPORTANCE_LEVELS, LOSS_TYPES
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters (peft) on the language model's linear layers."""
+
+    r: int = 16
+    """Rank of the adapter matrices."""
+    alpha: int = 32
+    """Scaling numerator (effective scale alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names to adapt (matched by suffix, as peft does)."""
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "model.policy.lora.r", f"must be > 0, got {self.r}")
+        _check(bool(self.target_modules), "model.policy.lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class PolicyConfig:
+    """Which model is trained and how it is loaded."""
+
+    model_name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    """Hub name or local folder; both load through the same ``from_pretrained`` code."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype (bfloat16 on GPUs)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of the policy: sdpa, eager or flash_attention_2."""
+    trust_remote_code: bool = False
+    """Allow code from the checkpoint folder to run (off unless you trust it)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights (None: full fine-tuning)."""
+    freeze_vision_tower: bool = False
+    """Keep the vision encoder's weights fixed."""
+    build_tiny_if_missing: Literal["tiny", "small"] | None = None
+    """If ``model_name_or_path`` is a folder that does not exist, write the offline random model of this size there first."""
+
+
+@dataclass
+class RolloutConfig:
+    """How completions are sampled, in training and in validation."""
+
+    num_generations: int = 8
+    """Completions per prompt (G); one group per prompt."""
+    max_completion_length: int = 384
+    """Most tokens a completion may have (EOS included)."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probs of the loss use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: all)."""
+    eval_num_generations: int = 4
+    """Completions per prompt in validation."""
+    eval_greedy: bool = False
+    """Validate with greedy decoding (then one completion per prompt is enough)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_generations >= 2, "model.rollout.num_generations", f"must be >= 2, got {self.num_generations}")
+        _check(self.max_completion_length >= 1, "model.rollout.max_completion_length", "must be >= 1")
+        _check(self.temperature > 0, "model.rollout.temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "model.rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.eval_num_generations >= 1, "model.rollout.eval_num_generations", "must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    """Which rewards score a completion and how they combine into advantages (SPEC section 2)."""
+
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format", "length"])
+    """Registered reward names or dotted paths to functions ``f(completions, **kwargs) -> list[float]``."""
+    reward_weights: list[float] | None = None
+    """One weight per reward, same order (None: all 1)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group's std, the batch's std, or nothing."""
+    soft_punish_cache: int = 50
+    """Length reward: tokens before max_completion_length where the linear penalty starts."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.reward_funcs), "model.rewards.reward_funcs", "must list at least one reward")
+        if self.reward_weights is not None:
+            _check(
+                len(self.reward_weights) == len(self.reward_funcs),
+                "model.rewards.reward_weights",
+                f"has {len(self.reward_weights)} weights but model.rewards.reward_funcs has "
+                f"{len(self.reward_funcs)} rewards ({', '.join(self.reward_funcs)})",
+            )
+        _check(self.scale_rewards in SCALE_MODES, "model.rewards.scale_rewards", f"choose from {SCALE_MODES}")
+        _check(self.soft_punish_cache >= 0, "model.rewards.soft_punish_cache", "must be >= 0")
+
+    @property
+    def weights(self) -> list[float]:
+        return list(self.reward_weights) if self.reward_weights is not None else [1.0] * len(self.reward_funcs)
+
+
+@dataclass
+class LossConfig:
+    """The clipped policy-gradient objective (SPEC section 5)."""
+
+    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
+    """Normaliser: dapo = valid tokens of the whole step; grpo = per sequence; bnpo = per micro-batch; dr_grpo = constant."""
+    epsilon_low: float = 0.2
+    """Lower clip range: ratio >= 1 - epsilon_low."""
+    epsilon_high: float = 0.28
+    """Upper clip range (clip-higher): ratio <= 1 + epsilon_high."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """Ratio per token, or one per sequence (geometric mean, GSPO)."""
+    beta: float = 0.0
+    """KL penalty weight to the frozen initial policy (0: no reference model is loaded)."""
+
+    def __post_init__(self) -> None:
+        _check(self.loss_type in LOSS_TYPES, "model.loss.loss_type", f"choose from {LOSS_TYPES}")
+        _check(0 <= self.epsilon_low < 1, "model.loss.epsilon_low", f"must be in [0, 1), got {self.epsilon_low}")
+        _check(self.epsilon_high >= 0, "model.loss.epsilon_high", f"must be >= 0, got {self.epsilon_high}")
+        _check(
+            self.importance_sampling_level in IMPORTANCE_LEVELS,
+            "model.loss.importance_sampling_level",
+            f"choose from {IMPORTANCE_LEVELS}",
+        )
+        _check(self.beta >= 0, "model.loss.beta", f"must be >= 0, got {self.beta}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, the schedule, and how a rollout is turned into optimizer steps."""
+
+    learning_rate: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps with a linear learning-rate warm-up."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient's global norm (None: no clipping)."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout (mu); above 1 the sampling policy's log-probs are computed once and kept."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward; the rollout's N = B*G rows are accumulated into one step (None: all at once)."""
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, "model.optim.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(0 <= self.warmup_ratio < 1, "model.optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.num_iterations >= 1, "model.optim.num_iterations", f"must be >= 1, got {self.num_iterations}")
+        _check(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            "model.optim.micro_batch_size",
+            f"must be >= 1, got {self.micro_batch_size}",
+        )
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "model.optim.max_grad_norm",
+            f"must be > 0 or null, got {self.max_grad_norm}",
+        )

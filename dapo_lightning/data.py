@@ -1,0 +1,314 @@
+"""``DDMDataModule``: the merged multiple-choice parquet -> batches of encoded prompts.
+
+Rows are read from a local parquet file (or a ``datasets`` hub name), checked with
+the same rules as ``python -m data_prep validate`` (``ddm.py``), turned into RGB
+images that fit ``max_image_side``, wrapped in the ChatML prompt (SPEC section 1)
+and encoded by the policy's processor into a ``PromptBatch``.
+
+Under DDP, Lightning gives each process its own shard of the training prompts;
+validation uses a sharding sampler without padding, so every held-out question is
+scored exactly once and the metrics are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dapo_lightning import ddm
+from dapo_lightning.batch import PromptBatch
+from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages
+
+
+@dataclass
+class SyntheticData:
+    """Settings of the synthetic coloured-shapes questions written when ``train_path`` is missing."""
+
+    rows: int = 512
+    """Questions to generate (train and eval split from them)."""
+    seed: int = 0
+    """Generator seed."""
+    image_size: int = 56
+    """Square image side in pixels."""
+    question_types: list[str] | None = None
+    """Subset of colour, shape, count (None: all three)."""
+    shuffle_options: bool = False
+    """Shuffle each question's option order."""
+
+
+class DDMDataset(Dataset):
+    """Rows of a DDM table, images left undecoded until a batch is built (so a bad row is named, not fatal at load)."""
+
+    def __init__(self, table, source: str):
+        self.table = table
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.table[int(index)], "_index": int(index)}
+
+
+class PromptCollator:
+    """Turns dataset rows into a ``PromptBatch`` with the processor; bad rows raise or are skipped."""
+
+    def __init__(
+        self,
+        processor,
+        *,
+        source: str,
+        system_prompt: str | None,
+        max_image_side: int | None,
+        max_prompt_length: int | None,
+        on_bad_row: str,
+    ):
+        self.processor = processor
+        self.source = source
+        self.system_prompt = system_prompt
+        self.max_image_side = max_image_side
+        self.max_prompt_length = max_prompt_length
+        self.on_bad_row = on_bad_row
+
+    def __call__(self, rows: list[dict[str, Any]]) -> PromptBatch:
+        texts, images, kept, skipped = [], [], [], 0
+        for row in rows:
+            try:
+                solution = ddm.check_text(row.get("problem"), row.get("solution"), source=self.source, row=row["_index"])
+                image = ddm.decode_image(row.get("image"), source=self.source, row=row["_index"], max_side=self.max_image_side)
+                text = self.processor.apply_chat_template(
+                    build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
+                )
+            except ddm.BadRow:
+                if self.on_bad_row == "error":
+                    raise
+                skipped += 1
+                continue
+            texts.append(text)
+            images.append(image)
+            kept.append({**row, "solution": solution})
+        if not kept:
+            raise ddm.BadRow(self.source, rows[0]["_index"], "every row of this batch is unusable (on_bad_row=skip)")
+        encoded = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        if self.max_prompt_length is not None:
+            lengths = encoded["attention_mask"].sum(-1).tolist()
+            too_long = [i for i, n in enumerate(lengths) if n > self.max_prompt_length]
+            if too_long:
+                if self.on_bad_row == "error":
+                    i = too_long[0]
+                    raise ddm.BadRow(
+                        self.source,
+                        kept[i]["_index"],
+                        f"prompt has {lengths[i]} tokens, more than data.max_prompt_length={self.max_prompt_length}",
+                    )
+                keep = [i for i in range(len(kept)) if i not in too_long]
+                if not keep:
+                    raise ddm.BadRow(self.source, kept[0]["_index"], "every prompt of this batch is too long")
+                skipped += len(too_long)
+                return self([{k: v for k, v in kept[i].items()} for i in keep]).with_skipped(skipped)
+        columns = {k: [r[k] for r in kept] for k in kept[0] if k not in ("image", "_index")}
+        batch = PromptBatch(
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            pixel_values=encoded["pixel_values"],
+            image_grid_thw=encoded["image_grid_thw"],
+            image_counts=[1] * len(kept),
+            mm_token_type_ids=encoded.get("mm_token_type_ids"),
+            prompts=texts,
+            columns=columns,
+            index=[r["_index"] for r in kept],
+        )
+        return batch.with_skipped(skipped)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r of W takes indices r, r + W, ... in order: no padding, no duplicates (exact eval metrics)."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class DDMDataModule(LightningDataModule):
+    """Serves a DDM parquet (image, problem, solution) as prompt batches for rollouts."""
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        eval_path: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        dataset_split: str = "train",
+        processor: str | None = None,
+        eval_ratio: float = 0.1,
+        split_seed: int = 42,
+        max_image_side: int | None = 1024,
+        system_prompt: str | None = SYSTEM_PROMPT,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        eval_limit: int | None = None,
+        num_workers: int = 0,
+        max_prompt_length: int | None = None,
+        on_bad_row: Literal["error", "skip"] = "error",
+        build_synthetic_if_missing: SyntheticData | None = None,
+    ):
+        """
+        Args:
+            train_path: Local DDM parquet file (or a folder of parquet files).
+            eval_path: Separate held-out parquet; when unset, ``eval_ratio`` of the training file is held out.
+            dataset_name: A ``datasets`` hub name to read instead of ``train_path``.
+            dataset_config: Configuration name of ``dataset_name``.
+            dataset_split: Split of ``dataset_name`` to read.
+            processor: Processor to encode prompts with (the CLI links it to ``model.policy.model_name_or_path``).
+            eval_ratio: Fraction held out for validation when there is no ``eval_path``.
+            split_seed: Seed of the train/eval split.
+            max_image_side: Shrink images to fit in this square, keeping the aspect ratio (None: keep size).
+            system_prompt: System message of every prompt (None: no system turn).
+            batch_size: Prompts per training step per process (B); each gets G completions.
+            eval_batch_size: Prompts per validation batch (default: ``batch_size``).
+            eval_limit: Use at most this many held-out questions.
+            num_workers: DataLoader worker processes.
+            max_prompt_length: Rows whose encoded prompt is longer are an error (or skipped).
+            on_bad_row: ``error`` stops at the first unusable row, naming it; ``skip`` drops and counts such rows.
+            build_synthetic_if_missing: When ``train_path`` does not exist, write synthetic questions there first.
+        """
+        super().__init__()
+        if not (train_path or dataset_name):
+            raise ValueError("data: set data.train_path (a parquet file) or data.dataset_name (a datasets hub name)")
+        if not 0 < eval_ratio < 1 and eval_path is None:
+            raise ValueError(f"data.eval_ratio: must be in (0, 1), got {eval_ratio}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row: choose from error, skip; got {on_bad_row!r}")
+        self.save_hyperparameters()
+        self.train_table = None
+        self.eval_table = None
+        self._processor = None
+
+    # --- loading -----------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        spec = self.hparams.build_synthetic_if_missing
+        path = self.hparams.train_path
+        if spec is not None and path and not Path(path).exists():
+            from data_prep.synthetic import SyntheticConfig, ensure_parquet
+
+            settings = asdict(spec) if not isinstance(spec, dict) else dict(spec)
+            types = settings.pop("question_types") or ("colour", "shape", "count")
+            ensure_parquet(path, SyntheticConfig(question_types=tuple(types), **settings))
+            rank_zero_info(f"wrote synthetic questions to {path}")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_table is not None:
+            return
+        self.prepare_data()  # idempotent; on multi-node every node needs the file
+        table, source = self._load(self.hparams.train_path, self.hparams.dataset_name, self.hparams.dataset_split)
+        self.source = source
+        if self.hparams.eval_path:
+            eval_table, eval_source = self._load(self.hparams.eval_path, None, None)
+            self.eval_source = eval_source
+        else:
+            split = table.train_test_split(test_size=self.hparams.eval_ratio, seed=self.hparams.split_seed)
+            table, eval_table = split["train"], split["test"]
+            self.eval_source = f"{source} (held-out {self.hparams.eval_ratio:g})"
+        if self.hparams.eval_limit is not None:
+            eval_table = eval_table.select(range(min(self.hparams.eval_limit, len(eval_table))))
+        self.train_table, self.eval_table = table, eval_table
+
+    def _load(self, path: str | None, name: str | None, split: str | None):
+        from datasets import Dataset, Image as ImageFeature, load_dataset
+
+        if path:
+            p = Path(path)
+            if not p.exists():
+                raise FileNotFoundError(f"data.train_path/eval_path: {path} does not exist")
+            files = sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else [str(p)]
+            if not files:
+                raise FileNotFoundError(f"{path}: folder holds no .parquet files")
+            try:
+                table = Dataset.from_parquet(files if len(files) > 1 else files[0])
+            except Exception as error:  # pyarrow raises several types for a file that is not parquet
+                raise ValueError(f"{path}: cannot be read as parquet ({type(error).__name__}: {error})") from error
+            source = str(path)
+        else:
+            table = load_dataset(name, self.hparams.dataset_config, split=split)
+            source = f"{name}[{split}]"
+        missing = ddm.missing_columns(table.column_names)
+        if missing:
+            raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; a DDM file has {', '.join(ddm.COLUMNS)}")
+        if isinstance(table.features["image"], ImageFeature):
+            table = table.cast_column("image", ImageFeature(decode=False))  # decode in the collator, row named on error
+        return table, source
+
+    # --- loaders -----------------------------------------------------------------------------------
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            if not self.hparams.processor:
+                raise ValueError("data.processor: not set (the CLI links it to model.policy.model_name_or_path)")
+            from dapo_lightning.models import load_processor
+
+            self._processor = load_processor(self.hparams.processor)
+        return self._processor
+
+    def collator(self, source: str) -> PromptCollator:
+        return PromptCollator(
+            self.processor,
+            source=source,
+            system_prompt=self.hparams.system_prompt,
+            max_image_side=self.hparams.max_image_side,
+            max_prompt_length=self.hparams.max_prompt_length,
+            on_bad_row=self.hparams.on_bad_row,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            DDMDataset(self.train_table, self.source),
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_table) >= self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collator(self.source),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(
+            DDMDataset(self.eval_table, self.eval_source),
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            sampler=ShardSampler(len(self.eval_table), rank, world),
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collator(self.eval_source),
+        )
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if isinstance(batch, PromptBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+def example_prompt_batch(processor, rows: list[dict[str, Any]], system_prompt: str | None = SYSTEM_PROMPT) -> PromptBatch:
+    """Encode in-memory DDM rows (``image`` PIL or bytes dict) into a ``PromptBatch`` (for probes and tests)."""
+    collate = PromptCollator(
+        processor, source="<memory>", system_prompt=system_prompt, max_image_side=None, max_prompt_length=None,
+        on_bad_row="error",
+    )
+    return collate([{**row, "_index": i} for i, row in enumerate(rows)])
+
+
+__all__ = ["DDMDataModule", "DDMDataset", "PromptCollator", "ShardSampler", "SyntheticData", "example_prompt_batch"]

@@ -1,0 +1,508 @@
+"""``DAPOModule``: rollout -> score -> update, for a vision-language policy.
+
+Each training step takes B prompts (with their images), samples G completions per
+prompt, scores them with the configured rewards, turns the scores into group
+advantages and takes ``num_iterations`` optimizer steps on the clipped DAPO loss.
+
+How this departs from the DAPO paper and from GRPO (the config key that turns each off):
+- clip-higher, ``epsilon_high`` 0.28 > ``epsilon_low`` 0.2 (``model.loss.epsilon_high: 0.2``);
+- token-level normalisation over the whole step (``model.loss.loss_type: grpo``);
+- soft overlong punishment as the ``length`` reward (drop it from ``model.rewards.reward_funcs``);
+- dynamic sampling and the replay buffer are callbacks (remove them from ``trainer.callbacks``);
+- the attention-grounding reward ``vgr`` needs the ``AttentionMetrics`` callback;
+  per-token advantage weights come from the ``TokenWeights`` callback;
+- no KL term by default (``model.loss.beta`` > 0 adds one to the frozen initial policy).
+
+The module only orchestrates; the math lives in ``loss.py``, ``advantages.py``,
+``scoring.py`` and ``rollout.py``, and diagnostics live in callbacks that read and
+annotate the ``RolloutBatch`` at the hook points of ``hooks.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from dapo_lightning import hooks
+from dapo_lightning.advantages import frac_zero_std
+from dapo_lightning.batch import PromptBatch, RolloutBatch
+from dapo_lightning.config import LoraSettings, LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
+from dapo_lightning.loss import dapo_policy_loss, micro_batch_scale
+from dapo_lightning.models import apply_lora, load_policy, load_processor
+from dapo_lightning.rewards import get_reward_spec
+from dapo_lightning.rewards.accuracy import accuracy as accuracy_reward
+from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_logps, generate
+from dapo_lightning.scoring import score
+
+
+def _coerce(cls, value):
+    """Accept a dataclass instance or a plain dict (as stored in a checkpoint's hyper-parameters)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in value.items() if k in known}
+        if cls is PolicyConfig and isinstance(kwargs.get("lora"), dict):
+            kwargs["lora"] = LoraSettings(**kwargs["lora"])
+        return cls(**kwargs)
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+class DAPOModule(LightningModule):
+    def __init__(
+        self,
+        policy: PolicyConfig = PolicyConfig(),
+        rollout: RolloutConfig = RolloutConfig(),
+        rewards: RewardConfig = RewardConfig(),
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        export_final: bool = True,
+    ):
+        """
+        Args:
+            policy: The model to train and how it is loaded.
+            rollout: Sampling of completions (train and validation).
+            rewards: Reward functions, weights and advantage scaling.
+            loss: The clipped policy-gradient objective.
+            optim: Optimizer, schedule, updates per rollout and micro-batching.
+            export_final: Save the trained policy (or LoRA adapter) with its processor to ``<default_root_dir>/final``.
+        """
+        super().__init__()
+        self.policy_cfg = _coerce(PolicyConfig, policy)
+        self.rollout_cfg = _coerce(RolloutConfig, rollout)
+        self.reward_cfg = _coerce(RewardConfig, rewards)
+        self.loss_cfg = _coerce(LossConfig, loss)
+        self.optim_cfg = _coerce(OptimConfig, optim)
+        self.export_final = export_final
+        self.save_hyperparameters(
+            {
+                "policy": asdict(self.policy_cfg),
+                "rollout": asdict(self.rollout_cfg),
+                "rewards": asdict(self.reward_cfg),
+                "loss": asdict(self.loss_cfg),
+                "optim": asdict(self.optim_cfg),
+                "export_final": export_final,
+            }
+        )
+        self.automatic_optimization = False
+        self.reward_specs = [get_reward_spec(name) for name in self.reward_cfg.reward_funcs]
+        self._build_offline_policy_if_missing()
+        self.policy = None
+        self.processor = None
+        self._reference: list = []  # frozen copy for beta > 0, kept out of the state dict
+        self.val_accuracy = MeanMetric()
+        self.val_reward = MeanMetric()
+        self.val_rewards = torch.nn.ModuleDict({self._metric_key(s.name): MeanMetric() for s in self.reward_specs})
+        self.accuracy_before_training: float | None = None
+
+    # --- model ----------------------------------------------------------------------------------------
+
+    def _build_offline_policy_if_missing(self) -> None:
+        size = self.policy_cfg.build_tiny_if_missing
+        path = Path(self.policy_cfg.model_name_or_path)
+        if size and not path.exists():
+            from data_prep.tiny_model import ensure_tiny_model
+
+            ensure_tiny_model(path, size=size)
+            rank_zero_info(f"wrote the offline {size} Qwen2.5-VL to {path}")
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        cfg = self.policy_cfg
+        model = load_policy(
+            cfg.model_name_or_path,
+            dtype=cfg.dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        if cfg.freeze_vision_tower:
+            for p in model.model.visual.parameters():
+                p.requires_grad_(False)
+        if self.loss_cfg.beta > 0 and cfg.lora is None:
+            reference = load_policy(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                    trust_remote_code=cfg.trust_remote_code)
+            self._reference = [reference.eval().requires_grad_(False)]
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if cfg.lora is not None:
+            if cfg.gradient_checkpointing:
+                model.enable_input_require_grads()
+            model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                               target_modules=cfg.lora.target_modules)
+        self.policy = model.train()  # from_pretrained returns eval mode
+        self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        self.token_ids = TokenIds.from_tokenizer(self.processor.tokenizer, getattr(model, "generation_config", None))
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @contextmanager
+    def _eval_mode(self):
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            yield
+        finally:
+            self.policy.train(was_training)
+
+    # --- fit-time checks --------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        provided = hooks.provided_extras(self.trainer)
+        for spec, weight in zip(self.reward_specs, self.reward_cfg.weights):
+            missing = [key for key in spec.needs if key not in provided]
+            if missing and weight != 0:
+                hint = f"; add {spec.provider_hint} to trainer.callbacks" if spec.provider_hint else ""
+                raise ValueError(
+                    f"model.rewards.reward_funcs: reward {spec.name!r} (weight {weight}) needs per-sample "
+                    f"{', '.join(missing)} values that no callback provides{hint}"
+                )
+        self.export_dir = _free_folder(Path(self.trainer.default_root_dir) / "final")
+        if self._reference:
+            self._reference[0].to(self.device)
+
+    # --- the step ---------------------------------------------------------------------------------------
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollout = self.make_rollout(batch, stage="train")  # generate, annotate, score (hooks run inside)
+        metrics = self.update(rollout)  # num_iterations optimizer steps on the DAPO loss
+        rollout.timings["step"] = time.perf_counter() - start
+        hooks.call_hook(self.trainer, "on_rollout_update_end", self, rollout, metrics)
+        self.log_rollout(rollout, metrics, skipped=batch.num_skipped)
+
+    def sampling(self, stage: str) -> SamplingSettings:
+        cfg = self.rollout_cfg
+        greedy = stage != "train" and cfg.eval_greedy
+        return SamplingSettings(
+            num_generations=cfg.num_generations if stage == "train" else (1 if greedy else cfg.eval_num_generations),
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            greedy=greedy,
+        )
+
+    def make_rollout(self, batch: PromptBatch, stage: str) -> RolloutBatch:
+        """Sample completions for ``batch`` and score them; callbacks run at their hook points."""
+        start = time.perf_counter()
+        with self._eval_mode():
+            rollout = generate(self.policy, batch, self.tokenizer, self.sampling(stage), self.token_ids, stage=stage)
+        rollout.timings["generate"] = time.perf_counter() - start
+        rollout.reward_names = [s.name for s in self.reward_specs]
+        rollout.reward_weights = torch.tensor(self.reward_cfg.weights, dtype=torch.float32, device=self.device)
+        start = time.perf_counter()
+        self.teacher_forced_pass(rollout)
+        rollout.timings["teacher_forced"] = time.perf_counter() - start
+        hooks.call_hook(self.trainer, "on_rollout_generated", self, rollout)
+        start = time.perf_counter()
+        score(
+            rollout,
+            self.reward_specs,
+            scale_rewards=self.reward_cfg.scale_rewards,
+            extra_kwargs={
+                "max_completion_length": self.rollout_cfg.max_completion_length,
+                "soft_punish_cache": self.reward_cfg.soft_punish_cache,
+            },
+            batch_std=self._global_std,
+        )
+        rollout.timings["score"] = time.perf_counter() - start
+        hooks.call_hook(self.trainer, "on_rollout_scored", self, rollout)
+        return rollout
+
+    def row_chunks(self, num_rows: int) -> list[list[int]]:
+        size = self.optim_cfg.micro_batch_size or num_rows
+        return [list(range(i, min(i + size, num_rows))) for i in range(0, num_rows, size)]
+
+    @torch.no_grad()
+    def teacher_forced_pass(self, rollout: RolloutBatch) -> None:
+        """One no-grad forward over prompt + completion, when anything needs it.
+
+        It yields the sampling policy's log-probs (needed for num_iterations > 1 and by
+        callbacks that keep rollouts, like the replay buffer), the reference log-probs
+        (beta > 0), and carries callbacks' captures (attention statistics).
+        """
+        train = rollout.stage == "train"
+        captures = hooks.captures(self.trainer, self, rollout)
+        need_old = train and (self.optim_cfg.num_iterations > 1 or hooks.any_needs_old_logps(self.trainer))
+        need_ref = train and self.loss_cfg.beta > 0
+        if not (captures or need_old or need_ref):
+            return
+        T = rollout.completion_ids.shape[1]
+        old, ref = [], []
+        with ExitStack() as stack, self._eval_mode():
+            for capture in captures:
+                stack.enter_context(capture)
+            for rows in self.row_chunks(rollout.num_rows):
+                inputs = rollout.model_inputs(rows)
+                for capture in captures:
+                    if hasattr(capture, "before_forward"):
+                        capture.before_forward(rows, inputs)
+                if captures or need_old:
+                    old.append(_pad_right(self._logps(inputs).logps, T))
+                if need_ref:
+                    ref.append(_pad_right(self._reference_logps(inputs), T))
+        if need_old:
+            rollout.old_logps = torch.cat(old)  # [N, T]
+        if need_ref:
+            rollout.ref_logps = torch.cat(ref)  # [N, T]
+
+    def _logps(self, inputs: dict[str, Tensor], with_entropy: bool = False):
+        return completion_logps(self.policy, inputs, temperature=self.rollout_cfg.temperature, with_entropy=with_entropy)
+
+    def _reference_logps(self, inputs: dict[str, Tensor]) -> Tensor:
+        if self._reference:
+            return completion_logps(self._reference[0], inputs, temperature=self.rollout_cfg.temperature).logps
+        with self.policy.disable_adapter():  # LoRA: the base model is the reference
+            return self._logps(inputs).logps
+
+    def update(self, rollout: RolloutBatch) -> dict[str, float]:
+        """``num_iterations`` optimizer steps of the DAPO loss over the rollout, in micro-batches."""
+        start = time.perf_counter()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        cfg = self.loss_cfg
+        chunks = self.row_chunks(rollout.num_rows)
+        scale = micro_batch_scale(cfg.loss_type, len(chunks))
+        # SPEC 5: dapo divides by the step's valid tokens over all micro-batches and processes, per process.
+        normalizer = self._global_sum(rollout.completion_mask.sum().float()) / self.trainer.world_size
+        totals: dict[str, float] = {}
+        tokens_seen = 0.0
+        for iteration in range(self.optim_cfg.num_iterations):
+            for rows in chunks:
+                inputs = rollout.model_inputs(rows)
+                lp = self._logps(inputs, with_entropy=iteration == 0)
+                width = lp.logps.shape[1]
+                idx = torch.tensor(rows, device=self.device)
+                old = rollout.old_logps[idx, :width] if rollout.old_logps is not None else lp.logps.detach()
+                advantages = rollout.advantages[idx]  # [n]
+                if rollout.token_weights is not None:
+                    advantages = advantages.unsqueeze(-1) * rollout.token_weights[idx, :width]  # [n, T']
+                out = dapo_policy_loss(
+                    lp.logps,
+                    old,
+                    advantages,
+                    lp.mask,
+                    epsilon_low=cfg.epsilon_low,
+                    epsilon_high=cfg.epsilon_high,
+                    importance_sampling_level=cfg.importance_sampling_level,
+                    loss_type=cfg.loss_type,
+                    normalizer=normalizer,
+                    max_completion_length=self.rollout_cfg.max_completion_length,
+                    beta=cfg.beta,
+                    ref_logps=None if rollout.ref_logps is None else rollout.ref_logps[idx, :width],
+                )
+                self.manual_backward(out.loss * scale)
+                if iteration == 0:
+                    n = float(out.num_tokens)
+                    tokens_seen += n
+                    totals["loss"] = totals.get("loss", 0.0) + float(out.loss.detach()) * scale
+                    for key, value in out.metrics.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * n
+                    totals["entropy"] = totals.get("entropy", 0.0) + float((lp.entropy * lp.mask).sum())
+            totals.setdefault("grad_norm", self._clip_gradients(optimizer))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        metrics = {k: (v if k in ("loss", "grad_norm") else v / max(tokens_seen, 1.0)) for k, v in totals.items()}
+        rollout.timings["update"] = time.perf_counter() - start
+        return metrics
+
+    def _clip_gradients(self, optimizer) -> float:
+        max_norm = self.optim_cfg.max_grad_norm
+        strategy = self.trainer.strategy
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            # gradients are already averaged over processes here, so every rank computes the same norm
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+            return float(norm)
+        if max_norm is not None and type(strategy).__name__ != "DeepSpeedStrategy":  # DeepSpeed clips in its config
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return math.nan
+
+    # --- distributed helpers ----------------------------------------------------------------------------
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1
+
+    def _global_sum(self, value: Tensor) -> Tensor:
+        value = value.detach().clone()
+        if self._distributed():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def _global_std(self, rewards: Tensor) -> Tensor:
+        if not self._distributed():
+            return rewards.std()
+        gathered = self.all_gather(rewards.detach())  # [W, N]
+        return gathered.reshape(-1).std()
+
+    # --- logging ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _metric_key(name: str) -> str:
+        return name.replace(".", "_").replace(":", "_")
+
+    def rollout_accuracy(self, rollout: RolloutBatch) -> Tensor:
+        """Per-row accuracy (the ``accuracy`` reward's column, computed here when it is not configured)."""
+        if "accuracy" in rollout.reward_names:
+            return rollout.rewards_per_func[:, rollout.reward_names.index("accuracy")].nan_to_num(0.0)
+        values = accuracy_reward(rollout.completions, **rollout.row_columns())
+        return torch.tensor(values, dtype=torch.float32, device=rollout.completion_ids.device)
+
+    def rollout_metrics(self, rollout: RolloutBatch) -> dict[str, Tensor]:
+        lengths = rollout.completion_lengths.float()
+        metrics = {
+            "reward_mean": rollout.rewards.mean(),
+            "reward_std": rollout.rewards.std() if rollout.num_rows > 1 else torch.zeros(()),
+            "accuracy": self.rollout_accuracy(rollout).mean(),
+            "completion_length/mean": lengths.mean(),
+            "completion_length/min": lengths.min(),
+            "completion_length/max": lengths.max(),
+            "completion_length/clipped_ratio": rollout.truncated.float().mean(),
+        }
+        if rollout.num_generations >= 2:
+            metrics["frac_reward_zero_std"] = frac_zero_std(rollout.rewards, rollout.num_generations)
+        for k, name in enumerate(rollout.reward_names):
+            column = rollout.rewards_per_func[:, k]
+            valid = ~column.isnan()
+            metrics[f"rewards/{name}/mean"] = column[valid].mean() if valid.any() else torch.tensor(math.nan)
+            metrics[f"rewards/{name}/std"] = column[valid].std() if valid.sum() > 1 else torch.zeros(())
+            metrics[f"reward_weights/{name}"] = rollout.reward_weights[k]
+        return metrics
+
+    def log_rollout(self, rollout: RolloutBatch, update: dict[str, float], skipped: int = 0) -> None:
+        metrics = {k: v.detach().float().cpu() for k, v in self.rollout_metrics(rollout).items()}
+        tokens = float(rollout.completion_mask.sum())
+        step_time = rollout.timings.get("step", math.nan)
+        metrics.update({k: torch.tensor(float(v)) for k, v in update.items()})
+        metrics["completion_tokens_per_second"] = torch.tensor(tokens / step_time if step_time > 0 else math.nan)
+        metrics["learning_rate"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        metrics["skipped_rows"] = torch.tensor(float(skipped))
+        for phase, seconds in rollout.timings.items():
+            metrics[f"time/{phase}"] = torch.tensor(seconds)
+        metrics = self._reduce_across_ranks(metrics)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=len(rollout.prompts))
+        self.log("reward", metrics["reward_mean"], prog_bar=True, logger=False, on_step=True, batch_size=1)
+        self.log("acc", metrics["accuracy"], prog_bar=True, logger=False, on_step=True, batch_size=1)
+
+    def _reduce_across_ranks(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One all-gather for every scalar: min of mins, max of maxes, sum of counts, mean of the rest."""
+        if not self._distributed():
+            return metrics
+        keys = sorted(metrics)
+        stacked = torch.stack([metrics[k].float() for k in keys]).to(self.device)
+        gathered = self.all_gather(stacked).cpu()  # [W, M]
+        out = {}
+        for i, key in enumerate(keys):
+            column = gathered[:, i]
+            if key.endswith("/min"):
+                out[key] = column.min()
+            elif key.endswith("/max"):
+                out[key] = column.max()
+            elif key == "skipped_rows":
+                out[key] = column.sum()
+            else:
+                out[key] = column.nanmean()
+        return out
+
+    # --- validation -------------------------------------------------------------------------------------
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        rollout = self.make_rollout(batch, stage="val")
+        self.val_accuracy.update(self.rollout_accuracy(rollout))
+        self.val_reward.update(rollout.rewards)
+        for k, spec in enumerate(self.reward_specs):
+            column = rollout.rewards_per_func[:, k]
+            if (~column.isnan()).any():
+                self.val_rewards[self._metric_key(spec.name)].update(column[~column.isnan()])
+
+    def on_validation_epoch_end(self) -> None:
+        accuracy = float(self.val_accuracy.compute())
+        values = {"val/accuracy": accuracy, "val/reward_mean": float(self.val_reward.compute())}
+        for spec in self.reward_specs:
+            metric = self.val_rewards[self._metric_key(spec.name)]
+            if metric.update_count:
+                values[f"val/rewards/{spec.name}/mean"] = float(metric.compute())
+        for metric in (self.val_accuracy, self.val_reward, *self.val_rewards.values()):
+            metric.reset()
+        if self.trainer.sanity_checking:
+            self.accuracy_before_training = accuracy
+            rank_zero_info(f"[eval] before training: accuracy {accuracy:.3f}")
+            return
+        self.log_dict(values, sync_dist=False, rank_zero_only=False)
+        rank_zero_info(f"[eval] step {self.global_step}: accuracy {accuracy:.3f}, reward {values['val/reward_mean']:.3f}")
+
+    # --- optimizer --------------------------------------------------------------------------------------
+
+    def total_optimizer_steps(self) -> int:
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        return int(self.trainer.estimated_stepping_batches) * self.optim_cfg.num_iterations
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay
+        )
+        total = max(self.total_optimizer_steps(), 1)
+        warmup = int(total * cfg.warmup_ratio)
+        kind = cfg.lr_scheduler
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if kind == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            if kind == "linear":
+                return 1.0 - progress
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- export -----------------------------------------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        if not self.export_final or self.trainer.interrupted or self.trainer.global_rank != 0:
+            return
+        target = self.export_dir
+        target.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(target)
+        self.processor.save_pretrained(target)
+        rank_zero_info(f"saved the trained {'adapter' if self.policy_cfg.lora else 'policy'} to {target}")
+        if self.accuracy_before_training is not None and self.trainer.callback_metrics.get("val/accuracy") is not None:
+            after = float(self.trainer.callback_metrics["val/accuracy"])
+            rank_zero_info(f"[eval] accuracy before training {self.accuracy_before_training:.3f} -> after {after:.3f}")
+
+
+def _free_folder(path: Path) -> Path:
+    """``path`` if it is absent or empty, else the first free ``path-1``, ``path-2``, ... (never overwrite)."""
+    candidate, n = path, 0
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _pad_right(values: Tensor, width: int, value: float = 0.0) -> Tensor:
+    """[n, t] -> [n, width]"""
+    if values.shape[1] == width:
+        return values
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]), value=value)
+
