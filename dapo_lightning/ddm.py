@@ -67,6 +67,8 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
     aspect ratio (``Image.thumbnail``). Anything unreadable raises :class:`BadRow`.
     """
     try:
+        if value is None:
+            raise BadRow(source, row, "image is missing (null)", MISSING_IMAGE)
         if isinstance(value, Image.Image):
             image = value
         else:
@@ -98,7 +100,9 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
     except FileNotFoundError as error:
         raise BadRow(source, row, f"image file not found ({error.filename})", MISSING_IMAGE) from error
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise BadRow(source, row, f"image cannot be decoded ({type(error).__name__}: {error})", UNREADABLE_IMAGE) from error
+        raise BadRow(
+            source, row, f"image cannot be decoded ({type(error).__name__}: {error})", UNREADABLE_IMAGE
+        ) from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

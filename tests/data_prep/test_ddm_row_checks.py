@@ -45,6 +45,9 @@ def test_require_options_rejects_a_problem_without_option_lines():
 
 
 def test_decode_image_kinds(tmp_path):
+    with pytest.raises(ddm.BadRow) as null:
+        ddm.decode_image(None, source="s", row=0)
+    assert (null.value.kind, str(null.value)) == (ddm.MISSING_IMAGE, "s: row 0: image is missing (null)")
     with pytest.raises(ddm.BadRow) as missing:
         ddm.decode_image({"bytes": None, "path": None}, source="s", row=1)
     assert missing.value.kind == ddm.MISSING_IMAGE
