@@ -115,9 +115,11 @@ def format_problem(question: str, options: Sequence[str]) -> str:
     """
     if not isinstance(question, str) or not question.strip():
         raise Drop(EMPTY_PROBLEM, f"question is {_short(question)}")
+    if len(options) > len(ddm.LETTERS):
+        raise Drop(TOO_MANY_OPTIONS, f"{len(options)} options, at most {len(ddm.LETTERS)} (A-J)")
     lines = [question.strip()]
-    for letter, option in zip(ddm.LETTERS, options):
-        lines.append(f"{letter}: {_NEWLINES.sub(' ', option.strip())}")
+    for index, option in enumerate(options):
+        lines.append(f"{ddm.LETTERS[index]}: {_NEWLINES.sub(' ', option.strip())}")
     return "\n".join(lines)
 
 
@@ -267,7 +269,7 @@ def convert(
 
 def progress_bar(items: Iterable[Any], *, total: int | None, desc: str, enabled: bool = True) -> Iterable[Any]:
     """A tqdm bar on stderr when it is a terminal (``disable=None``); silent in logs and tests."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(items, total=total, desc=desc, unit="row", disable=None if enabled else True, file=sys.stderr)
 
@@ -319,10 +321,17 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-side", type=positive_int, metavar="PX", help="shrink images larger than PX x PX (keeps aspect ratio)"
     )
     group.add_argument(
-        "--max-problem-chars", type=positive_int, metavar="N", help="drop rows whose problem is longer (reason: too long)"
+        "--max-problem-chars",
+        type=positive_int,
+        metavar="N",
+        help="drop rows whose problem is longer (reason: too long)",
     )
     group.add_argument(
-        "--batch-size", type=positive_int, default=256, metavar="N", help="rows read and written at a time (default 256)"
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="rows read and written at a time (default 256)",
     )
 
 

@@ -56,7 +56,9 @@ class Source:
             raise ValueError(f"hub dataset {self.hub}: --split is required")
         for path in self.files:
             if path.suffix.lower() not in LOCAL_SUFFIXES:
-                raise ValueError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)}")
+                raise ValueError(
+                    f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)}"
+                )
 
     def __str__(self) -> str:
         if self.hub:

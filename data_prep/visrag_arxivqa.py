@@ -122,7 +122,9 @@ def joined_records(
         except Drop as drop:
             report.drop(drop.reason, record.where, record.row, f"query-id {query_id!r}: {drop.detail}")
             continue
-        wanted.setdefault(images[0], []).append(Record(record.where, record.row, {"problem": problem, "solution": solution}))
+        wanted.setdefault(images[0], []).append(
+            Record(record.where, record.row, {"problem": problem, "solution": solution})
+        )
 
     seen: set[str] = set()
     corpus_rows = iter_records(corpus, columns=CORPUS_FIELDS, image_columns=("image",), batch_size=options.batch_size)
@@ -148,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local = parser.add_argument_group("input: local files of the three configs")
     local.add_argument("--corpus", nargs="+", type=Path, metavar="FILE", help="corpus config (corpus-id, image)")
-    local.add_argument("--queries", nargs="+", type=Path, metavar="FILE", help="queries config (query-id, query, answer, options)")
-    local.add_argument("--qrels", nargs="+", type=Path, metavar="FILE", help="qrels config (query-id, corpus-id, score)")
+    local.add_argument(
+        "--queries", nargs="+", type=Path, metavar="FILE", help="queries config (query-id, query, answer, options)"
+    )
+    local.add_argument(
+        "--qrels", nargs="+", type=Path, metavar="FILE", help="qrels config (query-id, corpus-id, score)"
+    )
     hub = parser.add_argument_group("input: a hub dataset with configs corpus, queries, qrels")
     hub.add_argument("--hub", metavar="NAME", help="e.g. openbmb/VisRAG-Ret-Test-ArxivQA (streamed)")
     hub.add_argument("--split", default="train", help="the split of all three configs (default train)")
@@ -186,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         check_fields(queries, QUERY_FIELDS, "VisRAG ArxivQA queries")
         check_fields(qrels, QREL_FIELDS, "VisRAG ArxivQA qrels")
         records = joined_records(corpus, queries, qrels, options, report)
-        convert(records, lambda data: (data["problem"], data["solution"], data["image"]), options, report, progress=False)
+        convert(
+            records, lambda data: (data["problem"], data["solution"], data["image"]), options, report, progress=False
+        )
 
     return run_reported(report, args.out, work)
 

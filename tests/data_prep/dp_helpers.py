@@ -68,7 +68,9 @@ def image_cell(data: bytes | None, path: str | None = None) -> dict[str, Any] | 
     return None if data is None and path is None else {"bytes": data, "path": path}
 
 
-def write_parquet(path: Path, rows: list[dict[str, Any]], features: Features, row_group_size: int | None = None) -> Path:
+def write_parquet(
+    path: Path, rows: list[dict[str, Any]], features: Features, row_group_size: int | None = None
+) -> Path:
     table = pa.Table.from_pylist(rows, schema=features.arrow_schema)
     pq.write_table(table, path, row_group_size=row_group_size)
     return path

@@ -48,7 +48,9 @@ def hub_file(tmp_path):
 
 def test_exact_rows_and_every_drop_reason(cli, hub_file, tmp_path):
     out = tmp_path / "out" / "aokvqa.parquet"
-    code, stdout, stderr = cli("aokvqa", "--input", hub_file, "--out", out, "--max-problem-chars", "80", "--batch-size", "2")
+    code, stdout, stderr = cli(
+        "aokvqa", "--input", hub_file, "--out", out, "--max-problem-chars", "80", "--batch-size", "2"
+    )
     assert code == 0, stderr
     rows = read_rows(out)
     assert [(r["problem"], r["solution"]) for r in rows] == [
@@ -93,7 +95,10 @@ def test_question_id_filter(cli, hub_file, tmp_path):
 
 def test_max_side_shrinks_large_images_only(cli, tmp_path):
     big = jpeg((40, 20))
-    rows = [_row("a", {"bytes": big, "path": "big.jpg"}, "Big?", COLOURS, 0), _row("b", {"bytes": RED, "path": None}, "Small?", COLOURS, 1)]
+    rows = [
+        _row("a", {"bytes": big, "path": "big.jpg"}, "Big?", COLOURS, 0),
+        _row("b", {"bytes": RED, "path": None}, "Small?", COLOURS, 1),
+    ]
     source = write_parquet(tmp_path / "in.parquet", rows, AOKVQA_FEATURES)
     out = tmp_path / "a.parquet"
     assert cli("aokvqa", "--input", source, "--out", out, "--max-side", "10")[0] == 0
@@ -107,8 +112,20 @@ def test_jsonl_with_image_paths(cli, tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "0001.png").write_bytes(GREEN)
     lines = [
-        {"question_id": "j0", "image": "img/0001.png", "question": "Colour?", "choices": COLOURS, "correct_choice_idx": 2},
-        {"question_id": "j1", "image": "img/missing.png", "question": "Colour?", "choices": COLOURS, "correct_choice_idx": 2},
+        {
+            "question_id": "j0",
+            "image": "img/0001.png",
+            "question": "Colour?",
+            "choices": COLOURS,
+            "correct_choice_idx": 2,
+        },
+        {
+            "question_id": "j1",
+            "image": "img/missing.png",
+            "question": "Colour?",
+            "choices": COLOURS,
+            "correct_choice_idx": 2,
+        },
     ]
     source = tmp_path / "aokvqa.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -116,7 +133,11 @@ def test_jsonl_with_image_paths(cli, tmp_path):
     code, stdout, _ = cli("aokvqa", "--input", source, "--out", out)
     assert code == 0
     assert read_rows(out) == [
-        {"image": {"bytes": GREEN, "path": "0001.png"}, "problem": "Colour?\nA: red\nB: blue\nC: green\nD: yellow", "solution": "C"}
+        {
+            "image": {"bytes": GREEN, "path": "0001.png"},
+            "problem": "Colour?\nA: red\nB: blue\nC: green\nD: yellow",
+            "solution": "C",
+        }
     ]
     assert "  dropped 1: missing image" in stdout.splitlines()
     assert f"cannot read image file {tmp_path / 'img' / 'missing.png'}" in stdout

@@ -23,7 +23,9 @@ def _records(source: Source) -> list[tuple[str, int, dict]]:
 
 
 def test_parquet_in_small_batches_across_files(tmp_path):
-    first = write_parquet(tmp_path / "a.parquet", [{"id": "a0", "image": {"bytes": RED, "path": "r.png"}, "extra": 1}], FEATURES)
+    first = write_parquet(
+        tmp_path / "a.parquet", [{"id": "a0", "image": {"bytes": RED, "path": "r.png"}, "extra": 1}], FEATURES
+    )
     rows = [{"id": f"b{i}", "image": {"bytes": BLUE, "path": None}, "extra": i} for i in range(3)]
     second = write_parquet(tmp_path / "b.parquet", rows, FEATURES, row_group_size=2)
     source = Source(files=(first, second))
@@ -39,11 +41,13 @@ def test_parquet_in_small_batches_across_files(tmp_path):
 
 
 def test_arrow_stream_from_save_to_disk_and_arrow_file_format(tmp_path):
-    Dataset.from_list([{"id": "s0", "image": {"bytes": RED, "path": None}, "extra": 0}], features=FEATURES).save_to_disk(
-        str(tmp_path / "saved")
-    )
+    Dataset.from_list(
+        [{"id": "s0", "image": {"bytes": RED, "path": None}, "extra": 0}], features=FEATURES
+    ).save_to_disk(str(tmp_path / "saved"))
     (stream_path,) = (tmp_path / "saved").glob("*.arrow")
-    table = pa.Table.from_pylist([{"id": "f0", "image": {"bytes": BLUE, "path": None}, "extra": 0}], schema=FEATURES.arrow_schema)
+    table = pa.Table.from_pylist(
+        [{"id": "f0", "image": {"bytes": BLUE, "path": None}, "extra": 0}], schema=FEATURES.arrow_schema
+    )
     file_path = tmp_path / "table.arrow"
     with pa.ipc.new_file(str(file_path), table.schema) as writer:
         writer.write_table(table)
@@ -81,7 +85,10 @@ def test_check_fields_names_the_file_and_missing_fields(tmp_path):
     path = write_parquet(tmp_path / "x.parquet", [{"id": "a", "image": None, "extra": 1}], FEATURES)
     with pytest.raises(SchemaError) as caught:
         check_fields(Source(files=(path,)), ("id", "question", "choices"), "A-OKVQA")
-    assert str(caught.value) == f"{path}: not a recognised A-OKVQA file: missing fields question, choices (found: id, image, extra)"
+    assert (
+        str(caught.value)
+        == f"{path}: not a recognised A-OKVQA file: missing fields question, choices (found: id, image, extra)"
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(SchemaError, match="missing fields id .found: no fields"):
@@ -125,6 +132,8 @@ def test_hub_source_streams_with_undecoded_images(monkeypatch):
     sources._hub_dataset.cache_clear()
     source = Source(hub="org/a-okvqa", config="default", split="train")
     check_fields(source, ("id", "image"), "X")
-    assert _records(source) == [("org/a-okvqa [default] split train", 0, {"id": "h0", "image": {"bytes": RED, "path": "h0.png"}})]
+    assert _records(source) == [
+        ("org/a-okvqa [default] split train", 0, {"id": "h0", "image": {"bytes": RED, "path": "h0.png"}})
+    ]
     assert calls == [("org/a-okvqa", "default", "train", True)]  # opened once, then cached
     sources._hub_dataset.cache_clear()

@@ -30,7 +30,9 @@ def _row(item_id, question, options, answer, **images):
 
 TEN = str([str(n) for n in range(1, 11)])  # "['1', '2', ..., '10']", as the 10-option config stores it
 ROWS = [
-    _row("m0", "Which graph in <image 1> shows growth?", "['Graph A', 'Graph B', 'Graph C', 'Graph D']", "C", image_1=RED),
+    _row(
+        "m0", "Which graph in <image 1> shows growth?", "['Graph A', 'Graph B', 'Graph C', 'Graph D']", "C", image_1=RED
+    ),
     _row("m1", "Pick the last one.", TEN, "J", image_1=GREEN),
     _row("m2", "Compare <image 1> and <image 2>.", "['same', 'different']", "B", image_1=RED, image_2=GREEN),
     _row("m3", "Injected?", "__import__('os').system('touch PWNED')", "A", image_1=RED),
@@ -87,7 +89,11 @@ def test_multi_image_first_keeps_the_first_image(cli, hub_file, tmp_path):
     assert code == 0
     compare = [r for r in read_rows(out) if r["problem"].startswith("Compare")]
     assert compare == [
-        {"image": {"bytes": RED, "path": None}, "problem": "Compare <image 1> and <image 2>.\nA: same\nB: different", "solution": "B"}
+        {
+            "image": {"bytes": RED, "path": None},
+            "problem": "Compare <image 1> and <image 2>.\nA: same\nB: different",
+            "solution": "B",
+        }
     ]
     assert "multi-image" not in stdout
 
@@ -97,7 +103,13 @@ def test_four_option_config_and_vision_config_refused(cli, tmp_path):
     assert cli("mmmu-pro", "--input", four, "--out", tmp_path / "o.parquet")[0] == 0
     # The "vision" config: the question is inside the picture, so there is no question field.
     vision = Features(
-        {"id": Value("string"), "image": ImageFeature(), "options": Value("string"), "answer": Value("string"), "subject": Value("string")}
+        {
+            "id": Value("string"),
+            "image": ImageFeature(),
+            "options": Value("string"),
+            "answer": Value("string"),
+            "subject": Value("string"),
+        }
     )
     wrong = write_parquet(tmp_path / "vision.parquet", [], vision)
     code, _, stderr = cli("mmmu-pro", "--input", wrong, "--out", tmp_path / "p.parquet")

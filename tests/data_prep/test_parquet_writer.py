@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, Image as ImageFeature
@@ -56,7 +57,7 @@ def test_zero_rows_publish_nothing(tmp_path):
 
 def test_a_row_that_does_not_fit_the_schema_publishes_nothing(tmp_path):
     out = tmp_path / "out.parquet"
-    with pytest.raises(Exception):
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
         with DDMParquetWriter(out, batch_rows=2) as writer:
             writer.write(_row(0))
             writer.write({"image": "not a struct", "problem": "Q", "solution": "A"})

@@ -29,7 +29,12 @@ CORPUS = [
     {"corpus-id": "c9", "image": {"bytes": BLUE, "path": None}},  # no query needs it
 ]
 QUERIES = [
-    {"query-id": "q0", "query": "What does the plot show?", "answer": "A", "options": ["A) growth", "B) decline", "C) flat", "D) noise"]},
+    {
+        "query-id": "q0",
+        "query": "What does the plot show?",
+        "answer": "A",
+        "options": ["A) growth", "B) decline", "C) flat", "D) noise"],
+    },
     {"query-id": "q1", "query": "Which value?", "answer": "1.5", "options": ["A. 0.5", "B. 1.5", "C. 2.5"]},
     {"query-id": "q2", "query": "Which letter?", "answer": "gamma", "options": ["alpha", "beta", "gamma"]},
     {"query-id": "q3", "query": "No qrel?", "answer": "A", "options": ["x", "y"]},
@@ -132,7 +137,9 @@ def test_hub_configs_are_joined_the_same_way(cli, monkeypatch, tmp_path):
     sources._hub_dataset.cache_clear()
     assert code == 0, stderr
     assert [(r["image"], r["problem"], r["solution"]) for r in read_rows(out)] == EXPECTED
-    assert sorted(set(calls)) == [("openbmb/VisRAG-Ret-Test-ArxivQA", c, "train", True) for c in ("corpus", "qrels", "queries")]
+    assert sorted(set(calls)) == [
+        ("openbmb/VisRAG-Ret-Test-ArxivQA", c, "train", True) for c in ("corpus", "qrels", "queries")
+    ]
 
 
 def test_schema_error_names_the_config_file_and_fields(cli, configs, tmp_path):
