@@ -16,6 +16,8 @@ COMMANDS = {
     "aokvqa": ("data_prep.aokvqa", "A-OKVQA (hub or local files) -> DDM parquet"),
     "visrag-arxivqa": ("data_prep.visrag_arxivqa", "VisRAG ArxivQA (corpus + queries + qrels) -> DDM parquet"),
     "mmmu-pro": ("data_prep.mmmu_pro", "MMMU-Pro standard (4 or 10 options) -> DDM parquet"),
+    "merge": ("data_prep.merge", "concatenate DDM files: dedup, per-source caps, seeded shuffle"),
+    "validate": ("data_prep.validate", "check a DDM parquet is a usable training set"),
     "synthetic": ("data_prep.synthetic", "synthetic coloured-shape questions (offline demo data)"),
     "tiny-model": ("data_prep.tiny_model", "a tiny random Qwen2.5-VL checkpoint (offline tests)"),
 }
