@@ -21,11 +21,25 @@ _OPTION_LINE = re.compile(r"^\s*([A-J])\s*[:：]", re.MULTILINE)
 MAX_IMAGE_PIXELS = 16384 * 16384
 
 
-class BadRow(ValueError):
-    """A row that cannot be trained on; the message names the file, the row and the reason."""
+# The kinds of BadRow: short, stable names that reports count rows by (the reason text varies per row).
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+EMPTY_PROBLEM = "empty problem"
+BAD_SOLUTION = "solution not a letter"
+NO_OPTIONS = "no options"
+ANSWER_NOT_AMONG_OPTIONS = "answer not among options"
 
-    def __init__(self, source: str, row: int, reason: str):
+
+class BadRow(ValueError):
+    """A row that cannot be trained on; the message names the file, the row and the reason.
+
+    ``kind`` is one of the constants above (or the reason itself), so a report can count
+    bad rows by cause while the message keeps the row's details.
+    """
+
+    def __init__(self, source: str, row: int, reason: str, kind: str | None = None):
         self.source, self.row, self.reason = source, row, reason
+        self.kind = kind or reason
         super().__init__(f"{source}: row {row}: {reason}")
 
 
@@ -53,6 +67,8 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
     aspect ratio (``Image.thumbnail``). Anything unreadable raises :class:`BadRow`.
     """
     try:
+        if value is None:
+            raise BadRow(source, row, "image is missing (null)", MISSING_IMAGE)
         if isinstance(value, Image.Image):
             image = value
         else:
@@ -63,9 +79,9 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
             elif isinstance(value, str):
                 data, path = None, value
             else:
-                raise BadRow(source, row, f"image has unsupported type {type(value).__name__}")
+                raise BadRow(source, row, f"image has unsupported type {type(value).__name__}", UNREADABLE_IMAGE)
             if data is None and not path:
-                raise BadRow(source, row, "image is missing (no bytes and no path)")
+                raise BadRow(source, row, "image is missing (no bytes and no path)", MISSING_IMAGE)
             previous = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             try:
@@ -74,15 +90,19 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
             finally:
                 Image.MAX_IMAGE_PIXELS = previous
         if image.width == 0 or image.height == 0:
-            raise BadRow(source, row, "image has zero size")
+            raise BadRow(source, row, "image has zero size", UNREADABLE_IMAGE)
         image = _to_rgb(image)
         if max_side is not None and max(image.size) > max_side:
             image.thumbnail((max_side, max_side))
         return image
     except BadRow:
         raise
+    except FileNotFoundError as error:
+        raise BadRow(source, row, f"image file not found ({error.filename})", MISSING_IMAGE) from error
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise BadRow(source, row, f"image cannot be decoded ({type(error).__name__}: {error})") from error
+        raise BadRow(
+            source, row, f"image cannot be decoded ({type(error).__name__}: {error})", UNREADABLE_IMAGE
+        ) from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -97,14 +117,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def check_text(problem: Any, solution: Any, *, source: str = "<data>", row: int = -1) -> str:
-    """Check a row's text fields; returns the solution letter (upper-cased, stripped)."""
+def check_text(
+    problem: Any, solution: Any, *, source: str = "<data>", row: int = -1, require_options: bool = False
+) -> str:
+    """Check a row's text fields; returns the solution letter (upper-cased, stripped).
+
+    ``require_options`` also rejects a problem with no ``X: text`` option lines: the
+    converters and ``validate`` use it, since a multiple-choice row without options
+    cannot be scored against its letter.
+    """
     if not isinstance(problem, str) or not problem.strip():
-        raise BadRow(source, row, "problem is empty")
-    if not isinstance(solution, str) or solution.strip().upper() not in LETTERS or not solution.strip():
-        raise BadRow(source, row, f"solution {solution!r} is not a letter A-J")
-    letter = solution.strip().upper()
+        raise BadRow(source, row, "problem is empty", EMPTY_PROBLEM)
+    letter = solution.strip().upper() if isinstance(solution, str) else None
+    # One character exactly: "AB" is a substring of LETTERS but not a letter.
+    if letter is None or len(letter) != 1 or letter not in LETTERS:
+        raise BadRow(source, row, f"solution {solution!r} is not a letter A-J", BAD_SOLUTION)
     letters = option_letters(problem)
+    if require_options and not letters:
+        raise BadRow(source, row, "problem has no option lines ('A: ...')", NO_OPTIONS)
     if letters and letter not in letters:
-        raise BadRow(source, row, f"solution {letter!r} is not among the options {''.join(letters)}")
+        raise BadRow(
+            source, row, f"solution {letter!r} is not among the options {''.join(letters)}", ANSWER_NOT_AMONG_OPTIONS
+        )
     return letter

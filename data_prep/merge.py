@@ -1,0 +1,314 @@
+"""merge: concatenate converted DDM files into one training file (SPEC section 1).
+
+Each input is ``PATH`` or ``NAME=PATH``; the name (default: the file's stem) is the
+source that counts and ``--cap`` refer to, and several inputs may share one. Rows
+are cast to the one DDM schema (``image`` bytes embedded, ``solution`` an upper-case
+letter; extra columns dropped) and their text checked as the data module checks
+it; images are not decoded again (the converters did; ``validate`` does).
+
+- ``--dedup`` drops a row whose problem text and image bytes (SHA-256) equal an
+  earlier row's, across all inputs, first one kept.
+- ``--cap NAME=N`` keeps at most N rows of a source: its first N, or with
+  ``--shuffle`` a random N drawn with ``--seed``.
+- ``--shuffle`` writes the rows in a random order drawn with ``--seed``. Memory
+  stays bounded: rows are spilled to temporary bucket files by output position,
+  then each bucket is sorted and written in turn.
+
+    python -m data_prep merge aokvqa=data/aokvqa.parquet data/arxivqa.parquet mmmu=data/mmmu4.parquet mmmu=data/mmmu10.parquet \\
+        --dedup --cap aokvqa=5000 --shuffle --seed 42 --out data/ddm.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import random
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dapo_lightning.ddm import COLUMNS
+from data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
+from data_prep.pipeline import Drop, DropReport, finish_row, positive_int, progress_bar
+from data_prep.sources import LOCAL_SUFFIXES, InputError, Record, SchemaError, Source, check_fields, iter_records
+
+NAME = "merge"
+# Shuffle spills to at most this many bucket files at once (open file handles).
+MAX_BUCKETS = 256
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    name: str
+    path: Path
+
+
+@dataclass
+class SourceCounts:
+    """Per-source tallies; ``rows = invalid + duplicate + over_cap + written``."""
+
+    rows: int = 0
+    invalid: int = 0
+    duplicate: int = 0
+    over_cap: int = 0
+    written: int = 0
+
+
+Key = tuple[int, int]  # (input index, row index in that input)
+
+
+def parse_input(text: str) -> MergeInput:
+    name, sep, path = text.partition("=")
+    if not sep:
+        return MergeInput(Path(text).stem, Path(text))
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PATH or NAME=PATH")
+    return MergeInput(name, Path(path))
+
+
+def parse_cap(text: str) -> tuple[str, int]:
+    name, sep, number = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=N")
+    try:
+        return name, positive_int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: N must be a positive integer") from None
+
+
+def _input_rows(inputs: list[MergeInput], batch_size: int) -> Iterator[tuple[Key, MergeInput, Record]]:
+    for index, item in enumerate(inputs):
+        source = Source(files=(item.path,))
+        for record in iter_records(source, columns=COLUMNS, image_columns=("image",), batch_size=batch_size):
+            yield (index, record.row), item, record
+
+
+def _as_ddm(record: Record) -> dict[str, Any]:
+    """The record cast to the DDM schema (text checked, image bytes embedded); raises :class:`Drop`."""
+    data = record.data
+    return finish_row(
+        data["problem"], data["solution"], data["image"], where=record.where, row=record.row, verify_image=False
+    )
+
+
+def _dedup_key(row: dict[str, Any]) -> bytes:
+    image_digest = hashlib.sha256(row["image"]["bytes"]).digest()
+    return hashlib.sha256(row["problem"].encode("utf-8") + b"\0" + image_digest).digest()
+
+
+def _checked_rows(
+    inputs: list[MergeInput], counts: dict[str, SourceCounts], report: DropReport, dedup: bool, batch_size: int
+) -> Iterator[tuple[Key, str, dict[str, Any]]]:
+    """Every input row that passes the checks (and dedup), as ``(key, source name, DDM row)``; tallies the rest."""
+    seen: set[bytes] = set()
+    for key, item, record in _input_rows(inputs, batch_size):
+        tally = counts[item.name]
+        tally.rows += 1
+        try:
+            row = _as_ddm(record)
+        except Drop as drop:
+            tally.invalid += 1
+            report.drop(drop.reason, record.where, record.row, drop.detail)
+            continue
+        if dedup:
+            digest = _dedup_key(row)
+            if digest in seen:
+                tally.duplicate += 1
+                continue
+            seen.add(digest)
+        yield key, item.name, row
+
+
+def shuffled_order(kept: list[tuple[Key, str]], caps: dict[str, int], seed: int) -> list[Key]:
+    """The output order with ``--shuffle``: per-source random caps, then one random permutation, both from ``seed``."""
+    rng = random.Random(seed)
+    by_source: dict[str, list[Key]] = {}
+    for key, name in kept:
+        by_source.setdefault(name, []).append(key)
+    chosen: list[Key] = []
+    for name, keys in by_source.items():
+        cap = caps.get(name)
+        chosen.extend(keys if cap is None or cap >= len(keys) else sorted(rng.sample(keys, cap)))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def merge(
+    inputs: list[MergeInput],
+    out: Path,
+    counts: dict[str, SourceCounts],
+    report: DropReport,
+    *,
+    dedup: bool = False,
+    caps: dict[str, int] | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    batch_size: int = 256,
+    bucket_rows: int | None = None,
+) -> None:
+    """Write the merged file, tallying into ``counts`` (one entry per source name) and ``report`` (invalid rows).
+
+    ``bucket_rows`` (shuffle only) is the most rows held in memory at once; by default
+    ``max(batch_size, ceil(rows / MAX_BUCKETS))``. Raises :class:`EmptyOutput` when no row is left.
+    """
+    caps = caps or {}
+    for item in inputs:
+        check_fields(Source(files=(item.path,)), COLUMNS, "DDM")
+    rows = progress_bar(_checked_rows(inputs, counts, report, dedup, batch_size), total=None, desc=NAME)
+    if not shuffle:
+        with DDMParquetWriter(out, batch_rows=batch_size) as writer:
+            for _, name, row in rows:
+                tally = counts[name]
+                if name in caps and tally.written >= caps[name]:
+                    tally.over_cap += 1
+                    continue
+                writer.write(row)
+                tally.written += 1
+        return
+
+    kept = [(key, name) for key, name, _ in rows]  # pass 1: which rows survive; no images held
+    order = shuffled_order(kept, caps, seed)
+    source_of = dict(kept)
+    chosen = Counter(source_of[key] for key in order)
+    available = Counter(name for _, name in kept)
+    for name, tally in counts.items():
+        tally.written, tally.over_cap = chosen[name], available[name] - chosen[name]
+    if not order:
+        raise EmptyOutput(f"{out}: no rows to write; nothing written")
+    position = {key: index for index, key in enumerate(order)}
+    bucket_rows = bucket_rows or max(batch_size, math.ceil(len(order) / MAX_BUCKETS))
+    _write_shuffled(inputs, out, position, bucket_rows, batch_size)
+
+
+def _write_shuffled(
+    inputs: list[MergeInput], out: Path, position: dict[Key, int], bucket_rows: int, batch_size: int
+) -> None:
+    """Pass 2 spills each chosen row to the bucket of its output position; pass 3 sorts and writes each bucket."""
+    schema = ddm_arrow_schema().append(pa.field("position", pa.int64()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.shuffle-", dir=out.parent))
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    try:
+        for key, _, record in _input_rows(inputs, batch_size):
+            where = position.get(key)
+            if where is None:
+                continue
+            bucket = where // bucket_rows
+            if bucket not in writers:
+                writers[bucket] = pa.ipc.new_stream(str(spill / f"{bucket}.arrow"), schema)
+            row = {**_as_ddm(record), "position": where}
+            writers[bucket].write_batch(pa.RecordBatch.from_pylist([row], schema=schema))
+        for writer in writers.values():
+            writer.close()
+        with DDMParquetWriter(out, batch_rows=batch_size) as output:
+            for bucket in sorted(writers):
+                with pa.memory_map(str(spill / f"{bucket}.arrow")) as source:
+                    table = pa.ipc.open_stream(source).read_all().sort_by("position")
+                for row in table.drop_columns(["position"]).to_pylist():
+                    output.write(row)
+    finally:
+        for writer in writers.values():
+            try:
+                writer.close()
+            except (OSError, pa.ArrowInvalid):
+                pass
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def summary_lines(counts: dict[str, SourceCounts]) -> list[str]:
+    """A table: one line per source, then the totals."""
+    total = SourceCounts(*(sum(column) for column in zip(*(astuple(c) for c in counts.values()), strict=True)))
+    table = [("source", "rows", "invalid", "duplicate", "over cap", "written")]
+    table += [(name, *(str(n) for n in astuple(c))) for name, c in [*counts.items(), ("total", total)]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return [
+        "  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True))])
+        for line in table
+    ]
+
+
+def _print_summary(counts: dict[str, SourceCounts], report: DropReport) -> None:
+    print("\n".join(summary_lines(counts)))
+    if report.dropped:
+        print("\n".join(["invalid rows:", *report.lines()[1:]]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep merge",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", type=parse_input, metavar="[NAME=]PATH", help="converted DDM files")
+    parser.add_argument("--out", required=True, type=Path, help="output parquet (written atomically)")
+    parser.add_argument("--dedup", action="store_true", help="drop repeats of (problem, image bytes)")
+    parser.add_argument(
+        "--cap",
+        action="append",
+        type=parse_cap,
+        default=[],
+        metavar="NAME=N",
+        help="keep at most N rows of source NAME (repeatable)",
+    )
+    parser.add_argument("--shuffle", action="store_true", help="random output order (and random capped subsets)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="rows read and written at a time (default 256)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = {item.name for item in args.inputs}
+    for item in args.inputs:
+        if not item.path.is_file():
+            parser.error(f"{item.path}: no such file")
+        if item.path.suffix.lower() not in LOCAL_SUFFIXES:
+            parser.error(f"{item.path}: unknown file type {item.path.suffix!r}")
+    caps = dict(args.cap)
+    unknown = sorted(set(caps) - names)
+    if unknown:
+        parser.error(f"--cap names unknown source(s) {', '.join(unknown)}; sources are {', '.join(sorted(names))}")
+    counts = {item.name: SourceCounts() for item in args.inputs}
+    report = DropReport(NAME)
+    try:
+        merge(
+            args.inputs,
+            args.out,
+            counts,
+            report,
+            dedup=args.dedup,
+            caps=caps,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    except (SchemaError, InputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except EmptyOutput:
+        _print_summary(counts, report)
+        print(f"error: merge: no rows left; nothing written to {args.out}", file=sys.stderr)
+        return 2
+    _print_summary(counts, report)
+    print(f"wrote {sum(c.written for c in counts.values())} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

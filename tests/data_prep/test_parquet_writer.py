@@ -1,0 +1,64 @@
+"""data_prep/io.py: batches become row groups, datasets reads Image, and a failure publishes nothing."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset, Image as ImageFeature
+
+from dapo_lightning.ddm import ddm_features
+from data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
+from dp_helpers import png
+
+
+def _row(index: int) -> dict:
+    return {"image": {"bytes": png((4 + index, 3)), "path": None}, "problem": f"Q{index}?\nA: x\nB: y", "solution": "B"}
+
+
+def test_rows_are_written_in_batches_and_datasets_decodes_image(tmp_path):
+    out = tmp_path / "sub" / "out.parquet"
+    with DDMParquetWriter(out, batch_rows=2) as writer:
+        for index in range(5):
+            writer.write(_row(index))
+    assert writer.rows_written == 5
+    parquet = pq.ParquetFile(out)
+    assert [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)] == [2, 2, 1]
+    assert parquet.schema_arrow == ddm_arrow_schema()
+    assert parquet.schema_arrow.metadata == ddm_features().arrow_schema.metadata
+
+    dataset = Dataset.from_parquet(str(out))
+    assert isinstance(dataset.features["image"], ImageFeature)
+    assert [dataset[i]["image"].size for i in range(5)] == [(4, 3), (5, 3), (6, 3), (7, 3), (8, 3)]
+    assert dataset[4]["problem"] == "Q4?\nA: x\nB: y"
+    assert list(tmp_path.joinpath("sub").iterdir()) == [out]
+
+
+def test_a_failure_leaves_the_previous_file_and_no_temporary_file(tmp_path):
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"previous contents")
+    with pytest.raises(RuntimeError, match="boom"):
+        with DDMParquetWriter(out, batch_rows=1) as writer:
+            writer.write(_row(0))
+            writer.write(_row(1))  # two row groups already on disk in the temporary file
+            assert writer.tmp_path.exists()
+            raise RuntimeError("boom")
+    assert out.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+
+
+def test_zero_rows_publish_nothing(tmp_path):
+    out = tmp_path / "out.parquet"
+    with pytest.raises(EmptyOutput, match="no rows to write"):
+        with DDMParquetWriter(out):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_row_that_does_not_fit_the_schema_publishes_nothing(tmp_path):
+    out = tmp_path / "out.parquet"
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
+        with DDMParquetWriter(out, batch_rows=2) as writer:
+            writer.write(_row(0))
+            writer.write({"image": "not a struct", "problem": "Q", "solution": "A"})
+    assert list(tmp_path.iterdir()) == []
