@@ -79,7 +79,9 @@ class PromptCollator:
         texts, images, kept, skipped = [], [], [], 0
         for row in rows:
             try:
-                solution = ddm.check_text(row.get("problem"), row.get("solution"), source=self.source, row=row["_index"])
+                solution = ddm.check_text(
+                    row.get("problem"), row.get("solution"), source=self.source, row=row["_index"], require_options=True
+                )
                 image = ddm.decode_image(row.get("image"), source=self.source, row=row["_index"], max_side=self.max_image_side)
                 text = self.processor.apply_chat_template(
                     build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True

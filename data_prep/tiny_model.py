@@ -8,10 +8,11 @@ model: :func:`dapo_lightning.models.load_policy` and
 :func:`dapo_lightning.models.load_processor`.
 
 The tokenizer is word level, with a vocabulary made of the Qwen special tokens,
-the ``<think>``/``<answer>`` tags, the letters A-J and the words of the default
-system prompt and of the synthetic questions. A small vocabulary is what lets a
-randomly initialised policy find rewarded answers by sampling (SPEC: the demo must
-learn), and each answer letter and tag is one token.
+the ``<think>``/``<answer>`` tags, the letters A-J, digits, punctuation, the chat
+roles and the words of the synthetic questions (78 tokens); other words map to
+``<unk>`` (``--system-prompt-words`` adds the default system prompt's words). A small
+vocabulary is what lets a randomly initialised policy find rewarded answers by
+sampling (the demo must learn), and each answer letter and tag is one token.
 
     python -m data_prep.tiny_model --size tiny --out .cache/models/tiny
 """
@@ -94,15 +95,16 @@ SIZES = {
 }
 
 
-def tokenizer_vocabulary(extra_words: list[str] = ()) -> list[str]:
-    """Word-level vocabulary: the default system prompt, the synthetic questions, letters, digits, punctuation."""
+def tokenizer_vocabulary(extra_words: list[str] = (), *, system_prompt_words: bool = False) -> list[str]:
+    """Word-level vocabulary: the synthetic questions, chat roles, letters, digits, punctuation, and
+    (``system_prompt_words``) the words of the default system prompt."""
     from dapo_lightning.prompts import SYSTEM_PROMPT
 
     from data_prep.synthetic import vocabulary as synthetic_words
 
-    # Words a neutral probe prompt and the other converters' texts commonly use.
-    common = "system user assistant You are a helpful . Answer the question Which option is correct ? Look at image and choose one of".split()
-    text = " ".join([SYSTEM_PROMPT, *synthetic_words(), *common, *extra_words])
+    # Chat roles, the template's default system message, and words of a neutral probe prompt.
+    common = "system user assistant You are a helpful . Answer the question Which option is correct ? Look at image".split()
+    text = " ".join([SYSTEM_PROMPT if system_prompt_words else "", *synthetic_words(), *common, *extra_words])
     for tag in REASONING_TAGS:
         text = text.replace(tag, " ")
     words: list[str] = []
@@ -132,13 +134,13 @@ def _split_punctuation(word: str) -> list[str]:
     return parts
 
 
-def build_tokenizer(extra_words: list[str] = ()):
+def build_tokenizer(extra_words: list[str] = (), *, system_prompt_words: bool = False):
     """A `transformers` tokenizer with Qwen's special tokens, loadable by ``AutoTokenizer``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {UNK: 0}
-    for word in tokenizer_vocabulary(list(extra_words)):
+    for word in tokenizer_vocabulary(list(extra_words), system_prompt_words=system_prompt_words):
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -214,7 +216,7 @@ def build_config(spec: TinySpec, tokenizer):
     )
 
 
-def build_tiny_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+def build_tiny_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0, *, system_prompt_words: bool = False) -> Path:
     """Write a seeded, float32, randomly initialised Qwen2.5-VL checkpoint folder to ``out`` (atomically)."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
@@ -225,7 +227,7 @@ def build_tiny_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0) 
         raise ValueError(f"size: unknown {size!r}; choose from {sorted(SIZES)}")
     spec = SIZES[size]
     out = Path(out)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(system_prompt_words=system_prompt_words)
     config = build_config(spec, tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
@@ -245,7 +247,8 @@ def build_tiny_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0) 
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "tiny_model.json").write_text(json.dumps({"size": size, "seed": seed, **spec.__dict__}, indent=2))
+        meta = {"size": size, "seed": seed, "system_prompt_words": system_prompt_words, **spec.__dict__}
+        (tmp / "tiny_model.json").write_text(json.dumps(meta, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -255,12 +258,12 @@ def build_tiny_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0) 
 
 
 def ensure_tiny_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Build the checkpoint unless a complete one is already at ``out`` (used by configs on first run)."""
+    """Build the checkpoint unless a complete one of this size and seed is already at ``out`` (configs' first run)."""
     out = Path(out)
     marker = out / "tiny_model.json"
     if marker.exists():
         meta = json.loads(marker.read_text())
-        if meta.get("size") == size and meta.get("seed") == seed:
+        if (meta.get("size"), meta.get("seed"), meta.get("system_prompt_words")) == (size, seed, False):
             return out
     return build_tiny_model(out, size=size, seed=seed)
 
@@ -270,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="architecture size (default tiny)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    parser.add_argument(
+        "--system-prompt-words", action="store_true", help="add the default system prompt's words to the vocabulary"
+    )
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.out, size=args.size, seed=args.seed)
+    path = build_tiny_model(args.out, size=args.size, seed=args.seed, system_prompt_words=args.system_prompt_words)
     print(f"wrote {args.size} Qwen2.5-VL to {path}")
     return 0
 
