@@ -79,7 +79,7 @@ class TinySpec:
     vision_hidden_size: int
     vision_depth: int
     vision_heads: int
-    image_side: int  # images are resized to image_side x image_side pixels
+    image_side: int  # pixel budget image_side ** 2: square images become image_side x image_side
     patch_size: int = 14
 
     @property
@@ -166,7 +166,7 @@ def build_tokenizer(extra_words: list[str] = (), *, system_prompt_words: bool = 
 
 
 def build_image_processor(spec: TinySpec):
-    """Qwen2-VL's PIL image processor, pinned to one resolution so every image gives ``spec.image_tokens`` tokens."""
+    """Qwen2-VL's PIL image processor with a fixed pixel budget: a square image gives ``spec.image_tokens`` tokens."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     pixels = spec.image_side * spec.image_side

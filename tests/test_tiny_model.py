@@ -72,10 +72,11 @@ def test_processor_expands_the_image_placeholder_and_keeps_token_types(processor
     out = processor(text=texts, images=images, padding=True, return_tensors="pt")
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     spec = SIZES["tiny"]
-    # every image is resized to 56 x 56: 4 x 4 patches of 14 px, merged 2 x 2 -> 4 tokens
+    # a square image becomes 56 x 56: 4 x 4 patches of 14 px, merged 2 x 2 -> 4 tokens;
+    # 200 x 80 keeps its aspect ratio within the same pixel budget: 84 x 28 -> 6 x 2 patches -> 3 tokens
     assert spec.image_tokens == 4
-    assert (out["input_ids"] == image_pad).sum(-1).tolist() == [4, 4]
-    assert out["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+    assert out["image_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 6]]
+    assert (out["input_ids"] == image_pad).sum(-1).tolist() == [4, 3]
     assert out["mm_token_type_ids"].shape == out["input_ids"].shape
     assert torch.equal(out["mm_token_type_ids"].bool(), out["input_ids"] == image_pad)
     assert out["attention_mask"][0, 0] == 0  # the shorter prompt is padded on the left
