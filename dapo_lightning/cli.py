@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -29,14 +30,19 @@ class DAPOLightningCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    DAPOLightningCLI(
-        DAPOModule,
-        DDMDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "dapo-lightning"},
-        auto_configure_optimizers=False,
-    )
+    try:
+        DAPOLightningCLI(
+            DAPOModule,
+            DDMDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "dapo-lightning"},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        # A DDP fit on CPU (gloo) aborts at interpreter exit unless the process group is torn down.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,11 +18,18 @@ def compute_rewards(specs: Sequence[RewardSpec], completions: list[str], kwargs:
     """Call each reward in order; returns [N, K] with NaN where a reward gave no value.
 
     Each reward sees the outputs of the rewards before it under their names, so
-    ``vgr_hard_negative`` can read ``accuracy``.
+    ``vgr_hard_negative`` can read ``accuracy``. A reward whose declared inputs
+    (``RewardSpec.needs``) are absent gets no value; the module refuses that at fit
+    start for rewards with a non-zero weight.
     """
     kwargs = dict(kwargs)
     columns = []
     for spec in specs:
+        if any(key not in kwargs for key in spec.needs):  # e.g. no attention capture this step: no value
+            column = [math.nan] * len(completions)
+            kwargs[spec.name] = column
+            columns.append(column)
+            continue
         try:
             values = spec.fn(completions, **kwargs)
         except Exception as error:
