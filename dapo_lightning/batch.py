@@ -99,6 +99,7 @@ class RolloutBatch:
     completion_mask: Tensor  # [N, T] 1 up to and including EOS
     completions: list[str]  # [N] decoded text
     stage: str = "train"  # "train" or "val"
+    tag: str | None = None  # None: the step's own rollout; else who asked for an extra one ("dynamic_sampling", "probe:<variant>")
     truncated: Tensor | None = None  # [N] bool: no EOS within max_completion_length
     old_logps: Tensor | None = None  # [N, T] log-probs under the policy that sampled (None: use current, detached)
     ref_logps: Tensor | None = None  # [N, T] log-probs under the frozen reference (beta > 0)

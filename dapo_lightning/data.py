@@ -5,20 +5,25 @@ the same rules as ``python -m data_prep validate`` (``ddm.py``), turned into RGB
 images that fit ``max_image_side``, wrapped in the ChatML prompt (SPEC section 1)
 and encoded by the policy's processor into a ``PromptBatch``.
 
-Under DDP, Lightning gives each process its own shard of the training prompts;
-validation uses a sharding sampler without padding, so every held-out question is
-scored exactly once and the metrics are exact.
+Training prompts are shuffled by :class:`ResumableShuffleSampler`, in the orders
+Lightning would use (``RandomSampler`` on one process, a seeded per-rank shard under
+DDP), and a run resumed mid-epoch continues where the checkpointed run stopped
+(Lightning restarts a plain loader's epoch from its first batch). Validation uses a sharding sampler
+without padding, so every held-out question is scored exactly once and the metrics
+are exact.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dapo_lightning import ddm
 from dapo_lightning.batch import PromptBatch
@@ -141,6 +146,49 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class ResumableShuffleSampler(DistributedSampler):
+    """The training order of the data module: Lightning's own orders, made resumable mid-epoch.
+
+    One process (``seed=None``): each epoch's permutation is seeded by a draw from torch's
+    global generator when the epoch's iteration starts, exactly as ``RandomSampler``
+    does; the drawn seed is kept (``epoch_seed``) for checkpoints. Several processes
+    (``seed`` set): ``torch.randperm`` seeded with ``seed + epoch`` and rank r of W takes
+    every W-th index, exactly as the ``DistributedSampler`` Lightning would inject; being a
+    ``DistributedSampler``, Lightning leaves it in place.
+
+    ``resume_at(epoch, start, epoch_seed)``: Lightning restarts a plain loader's epoch from
+    its first batch when it resumes, so the data module tells the sampler the epoch's
+    seed and how many of this rank's indices the checkpointed run had consumed; they are
+    skipped in that epoch only.
+    """
+
+    def __init__(self, length: int, *, num_replicas: int = 1, rank: int = 0, seed: int | None = None):
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed if seed is not None else 0, drop_last=False)
+        self.draw_seed = seed is None
+        self.epoch_seed: int | None = None
+        self.start, self._start_epoch, self._pinned_seed = 0, 0, None
+
+    def resume_at(self, epoch: int, start: int, epoch_seed: int | None = None) -> None:
+        self.set_epoch(epoch)
+        self.start, self._start_epoch, self._pinned_seed = start, epoch, epoch_seed
+
+    def __iter__(self):
+        resuming = self.epoch == self._start_epoch
+        if self.draw_seed:
+            if resuming and self._pinned_seed is not None:
+                seed = self._pinned_seed
+            else:
+                seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
+            self.epoch_seed = seed
+            indices = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            indices = list(super().__iter__())
+        if resuming and self.start:
+            indices = indices[self.start :]
+        return iter(indices)
+
+
 class DDMDataModule(LightningDataModule):
     """Serves a DDM parquet (image, problem, solution) as prompt batches for rollouts."""
 
@@ -197,6 +245,8 @@ class DDMDataModule(LightningDataModule):
         self.train_table = None
         self.eval_table = None
         self._processor = None
+        self._train_sampler: ResumableShuffleSampler | None = None
+        self._saved_order: dict | None = None
 
     # --- loading -----------------------------------------------------------------------------------
 
@@ -276,15 +326,41 @@ class DDMDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        # the seed Lightning's own DistributedSampler would use; one process draws each epoch's seed instead
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if world > 1 else None
+        sampler = ResumableShuffleSampler(len(self.train_table), num_replicas=world, rank=rank, seed=seed)
+        batch_size = self.hparams.batch_size
+        drop_last = sampler.num_samples >= batch_size
+        if self.trainer is not None:
+            # Lightning restores the loop counters before it asks for the loader: continue a resumed epoch.
+            epoch = self.trainer.fit_loop.epoch_progress.current.processed
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            per_epoch = sampler.num_samples // batch_size if drop_last else -(-sampler.num_samples // batch_size)
+            if per_epoch and done >= per_epoch:  # the checkpoint closed an epoch: the next one starts afresh
+                epoch, done = epoch + 1, 0
+            saved = self._saved_order or {}
+            sampler.resume_at(epoch, done * batch_size, saved.get("seed") if saved.get("epoch") == epoch else None)
+        self._train_sampler = sampler
         return DataLoader(
             DDMDataset(self.train_table, self.source),
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_table) >= self.hparams.batch_size,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
             num_workers=self.hparams.num_workers,
             collate_fn=self.collator(self.source),
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def state_dict(self) -> dict:
+        """The current epoch's shuffling seed (one process), so a resumed run continues the same order."""
+        sampler = self._train_sampler
+        if sampler is None or sampler.epoch_seed is None:
+            return {}
+        return {"train_order": {"epoch": int(sampler.epoch), "seed": int(sampler.epoch_seed)}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved_order = state_dict.get("train_order")
 
     def val_dataloader(self) -> DataLoader:
         rank, world = 0, 1
@@ -313,4 +389,12 @@ def example_prompt_batch(processor, rows: list[dict[str, Any]], system_prompt: s
     return collate([{**row, "_index": i} for i, row in enumerate(rows)])
 
 
-__all__ = ["DDMDataModule", "DDMDataset", "PromptCollator", "ShardSampler", "SyntheticData", "example_prompt_batch"]
+__all__ = [
+    "DDMDataModule",
+    "DDMDataset",
+    "PromptCollator",
+    "ResumableShuffleSampler",
+    "ShardSampler",
+    "SyntheticData",
+    "example_prompt_batch",
+]

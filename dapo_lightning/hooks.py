@@ -2,7 +2,11 @@
 
 A callback is an ordinary ``lightning.pytorch.Callback``; it takes part in rollouts
 by defining any of the methods of :class:`RolloutCallback`. ``DAPOModule`` calls them,
-in this order, for every train and validation rollout (``rollout.stage`` says which):
+in this order, for every train and validation rollout (``rollout.stage`` says which).
+A callback may ask for extra rollouts with ``module.make_rollout(batch, stage, tag=...)``
+(dynamic sampling's extra rounds, the modality probe's variants); the hooks run for
+those too, with ``rollout.tag`` set, and a callback that acts once per step (a replay
+buffer, a log writer) returns early when ``rollout.tag`` is not None:
 
 1. ``teacher_forced_capture(trainer, module, rollout)`` -> a context manager or None.
    Entered around the module's no-grad teacher-forced pass over prompt + completion

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from dapo_lightning import hooks
+from dapo_lightning import checkpointing, hooks
 from dapo_lightning.advantages import frac_zero_std
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import LoraSettings, LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
@@ -105,6 +105,7 @@ class DAPOModule(LightningModule):
         self.val_reward = MeanMetric()
         self.val_rewards = torch.nn.ModuleDict({self._metric_key(s.name): MeanMetric() for s in self.reward_specs})
         self.accuracy_before_training: float | None = None
+        self._rng_to_restore: dict | None = None
 
     # --- model ----------------------------------------------------------------------------------------
 
@@ -175,6 +176,41 @@ class DAPOModule(LightningModule):
         if self._reference:
             self._reference[0].to(self.device)
 
+    # --- checkpoints: random-number state and the config the state belongs to -----------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning saves no generator state and only rank 0's copy: gather every rank's (index = rank).
+        checkpoint["rng_states"] = checkpointing.gather_per_rank(checkpointing.capture_rng())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpointing.check_same_config(checkpoint.get("hyper_parameters"), self.hparams)
+        states = checkpoint.get("rng_states") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._rng_to_restore = states[rank] if rank < len(states) else None
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        if self._rng_to_restore is not None and progress.get("is_last_batch"):
+            # The checkpoint closed an epoch: the next epoch's loader draws its order from these states, as the
+            # uninterrupted run's did. Mid-epoch, the loader is re-created on resume (the uninterrupted run's is
+            # not), so the states are restored after it, at train start.
+            checkpointing.restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            checkpointing.restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_validation_start(self) -> None:
+        # Validation samples from the same generators; isolating it keeps training's draws independent of the
+        # evaluation cadence (and a resumed run, which skips the sanity check, equal to an uninterrupted one).
+        self._rng_before_validation = checkpointing.capture_rng()
+
+    def on_validation_end(self) -> None:
+        state = getattr(self, "_rng_before_validation", None)
+        if state is not None:
+            checkpointing.restore_rng(state)
+            self._rng_before_validation = None
+
     # --- the step ---------------------------------------------------------------------------------------
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -197,11 +233,16 @@ class DAPOModule(LightningModule):
             greedy=greedy,
         )
 
-    def make_rollout(self, batch: PromptBatch, stage: str) -> RolloutBatch:
-        """Sample completions for ``batch`` and score them; callbacks run at their hook points."""
+    def make_rollout(self, batch: PromptBatch, stage: str, tag: str | None = None) -> RolloutBatch:
+        """Sample completions for ``batch`` and score them; callbacks run at their hook points.
+
+        ``tag`` marks a rollout a callback asked for besides the step's own (``rollout.tag``):
+        callbacks that act once per step (replay buffer, logs) skip tagged rollouts.
+        """
         start = time.perf_counter()
         with self._eval_mode():
             rollout = generate(self.policy, batch, self.tokenizer, self.sampling(stage), self.token_ids, stage=stage)
+        rollout.tag = tag
         rollout.timings["generate"] = time.perf_counter() - start
         rollout.reward_names = [s.name for s in self.reward_specs]
         rollout.reward_weights = torch.tensor(self.reward_cfg.weights, dtype=torch.float32, device=self.device)

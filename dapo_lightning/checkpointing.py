@@ -1,0 +1,129 @@
+"""What a checkpoint needs beyond Lightning's own: random-number states, per-rank callback state, config checks.
+
+Lightning restores the model, the optimizer, the scheduler, the loops and each
+callback's ``state_dict``; it saves none of the random-number generators, and it
+writes only rank 0's copy of everything. Resuming a run exactly needs both:
+
+- :func:`capture_rng` / :func:`restore_rng`: torch (CPU and every CUDA device), numpy and
+  Python ``random`` as plain tensors, ints and lists, so that Lightning's
+  ``weights_only=True`` loader reads them back. Sampling in ``generate`` draws from
+  torch's generator of the device it runs on.
+- :func:`gather_per_rank` / :func:`rank_share`: state that differs between processes
+  (each rank's replay buffer, its generators) is gathered to rank 0 when saved and
+  handed back by rank on load, also when the world size changed.
+- :func:`check_same_config`: resuming from a checkpoint of another configuration is an
+  error naming the key, for the settings the saved state depends on.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# --- random-number generators -------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's generator states, as checkpoint-safe plain values."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(state, dtype=torch.int64), "gauss_next": gauss},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+# --- per-rank state -----------------------------------------------------------------------------------
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    if distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_per_rank(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (index = rank), None elsewhere; ``[obj]`` without a process group.
+
+    A collective: every rank must call it (Lightning builds a checkpoint on every rank and
+    writes rank 0's).
+    """
+    if not distributed():
+        return [obj]
+    rank, world = rank_and_world()
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def rank_share(per_rank: list[Any], rank: int, world_size: int) -> list[Any]:
+    """The saved ranks' states this rank takes over: its own when the world size is unchanged,
+    else saved ranks ``rank, rank + world_size, ...`` (every saved state goes to exactly one rank)."""
+    return [per_rank[i] for i in range(rank, len(per_rank), world_size)]
+
+
+# --- configuration ------------------------------------------------------------------------------------
+
+# Settings the saved model, optimizer and callback state depend on (module hyper-parameters).
+STRUCTURAL_KEYS = (
+    ("policy", "model_name_or_path"),
+    ("policy", "lora"),
+    ("policy", "freeze_vision_tower"),
+    ("rollout", "num_generations"),
+    ("rewards", "reward_funcs"),
+)
+
+
+def _lookup(hparams: Any, path: tuple[str, ...]) -> Any:
+    value = hparams
+    for key in path:
+        if value is None:
+            return None
+        value = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    if hasattr(value, "__dict__") and not isinstance(value, (str, int, float)):
+        value = {k: v for k, v in vars(value).items() if not k.startswith("_")}
+    return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_same_config(saved: Any, current: Any, *, source: str = "the checkpoint") -> None:
+    """Raise ``ValueError`` naming the first ``model.*`` key of :data:`STRUCTURAL_KEYS` that differs."""
+    if not saved:
+        return
+    for path in STRUCTURAL_KEYS:
+        before, now = _lookup(saved, path), _lookup(current, path)
+        if before != now:
+            key = "model." + ".".join(path)
+            raise ValueError(
+                f"{key}: {source} was trained with {before!r}, this configuration has {now!r}; resume with the "
+                f"configuration the checkpoint was made with, or start a new run"
+            )
