@@ -1,0 +1,170 @@
+"""``DynamicSampling``: the DAPO paper's rule, train only on groups whose rewards vary.
+
+A group whose G completions all got the same reward has zero advantage everywhere:
+it costs a forward and backward and teaches nothing. The DAPO paper (Yu et al., 2025,
+section 3.2) over-samples prompts and keeps only groups with 0 < correct < G. Here:
+
+1. the step's own rollout (the data loader's B prompts) is scored as usual;
+2. if fewer than B of its groups are *kept* (``keep_if="reward_std"``: the unbiased std
+   of the total rewards exceeds ``epsilon``; ``keep_if="accuracy"``: 0 < correct < G),
+   the callback draws ``ceil(oversample_factor * B)`` more prompts from the training
+   set with its own seeded sampler (this rank's shard only) and rolls them out through
+   ``module.make_rollout(..., tag="dynamic_sampling")``, so rewards, reward weights and
+   attention annotations are computed exactly as for the step's own prompts;
+3. it repeats at most ``max_tries`` times, then trains on B groups: the kept groups in
+   the order they were generated (the loader's first), filled up, if still short, with
+   the loader's ineligible groups (they carry zero advantage; a ``ReplayBuffer`` listed
+   after this callback then replaces them).
+
+Every step therefore trains on exactly B groups, so every rank runs the same number of
+micro-batches. Under DDP the ranks agree on each extra round (an all-reduce of "still
+short anywhere"): a rank with enough groups generates along and discards, because a
+generation round may contain collectives (batch-scaled advantages, logging).
+
+Extra rollouts are tagged: callbacks that act once per step (the replay buffer, log
+writers) skip them, and this callback ignores them, so it never recurses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback
+from torch import Tensor
+
+from callbacks.groups import assemble, group_record
+from dapo_lightning import checkpointing
+
+TAG = "dynamic_sampling"
+KEEP_RULES = ("reward_std", "accuracy")
+
+
+def kept_groups(rollout, module, keep_if: str, epsilon: float) -> Tensor:
+    """[B] bool: the groups with a learning signal."""
+    G = rollout.num_generations
+    if keep_if == "accuracy":
+        correct = module.rollout_accuracy(rollout).view(-1, G).round().sum(dim=1)  # [B]
+        return (correct > 0) & (correct < G)
+    return rollout.rewards.float().view(-1, G).std(dim=1) > epsilon  # [B]
+
+
+class DynamicSampling(Callback):
+    needs_old_logps = False
+    provides = ()
+
+    def __init__(
+        self,
+        oversample_factor: float = 1.0,
+        max_tries: int = 3,
+        keep_if: Literal["reward_std", "accuracy"] = "reward_std",
+        epsilon: float = 1e-6,
+        seed: int | None = None,
+    ):
+        """
+        Args:
+            oversample_factor: Prompts per extra round, as a multiple of the batch's B prompts.
+            max_tries: Most extra generation rounds per step (0: only filter and reorder the step's own groups).
+            keep_if: ``reward_std``: keep groups whose total-reward std exceeds ``epsilon``; ``accuracy``: keep
+                groups with 0 < correct < G.
+            epsilon: Std threshold of ``keep_if=reward_std``.
+            seed: Seed of the prompt sampler (None: the ``seed_everything`` seed); rank r uses seed + r.
+        """
+        super().__init__()
+        if not oversample_factor > 0:
+            raise ValueError(f"DynamicSampling.oversample_factor: must be > 0, got {oversample_factor}")
+        if not isinstance(max_tries, int) or max_tries < 0:
+            raise ValueError(f"DynamicSampling.max_tries: must be an integer >= 0, got {max_tries!r}")
+        if keep_if not in KEEP_RULES:
+            raise ValueError(f"DynamicSampling.keep_if: choose from {KEEP_RULES}, got {keep_if!r}")
+        if epsilon < 0:
+            raise ValueError(f"DynamicSampling.epsilon: must be >= 0, got {epsilon}")
+        self.oversample_factor = oversample_factor
+        self.max_tries = max_tries
+        self.keep_if = keep_if
+        self.epsilon = epsilon
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._loaded: dict | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self._generator is None:
+            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            self._generator = torch.Generator().manual_seed(seed + trainer.global_rank)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._loaded is not None:
+            per_rank = self._loaded.get("per_rank") or []
+            if len(per_rank) == trainer.world_size and per_rank[trainer.global_rank].get("generator") is not None:
+                self._generator.set_state(per_rank[trainer.global_rank]["generator"])
+            self._loaded = None
+
+    # --- the work -------------------------------------------------------------------------------------
+
+    def on_rollout_scored(self, trainer, module, rollout) -> None:
+        if rollout.stage != "train" or rollout.tag is not None:
+            return
+        start = time.perf_counter()
+        B = rollout.num_groups
+        keep = kept_groups(rollout, module, self.keep_if, self.epsilon)
+        chosen: list[tuple] = [(rollout, g) for g in keep.nonzero().flatten().tolist()]
+        spare = [(rollout, g) for g in (~keep).nonzero().flatten().tolist()]
+        filtered = len(spare)
+        rounds, generated = 1, B
+        while rounds - 1 < self.max_tries and self._anyone_short(len(chosen) < B, module):
+            prompts = self._draw(trainer, module, math.ceil(self.oversample_factor * B))
+            extra = module.make_rollout(prompts, "train", tag=TAG)
+            rounds += 1
+            generated += extra.num_groups
+            extra_keep = kept_groups(extra, module, self.keep_if, self.epsilon)
+            chosen += [(extra, g) for g in extra_keep.nonzero().flatten().tolist()]
+            filtered += int((~extra_keep).sum())
+        final = chosen[:B]
+        filled = max(0, B - len(final))
+        final += spare[:filled]
+        if [(id(r), g) for r, g in final] != [(id(rollout), g) for g in range(B)]:
+            records = [group_record(r, g) for r, g in final]  # taken before the rollout is overwritten
+            assemble(rollout, records, pad_id=module.token_ids.pad)
+        rollout.timings["dynamic_sampling"] = time.perf_counter() - start
+        module.log_dict(
+            {
+                "train/dynamic_sampling/kept_groups": float(min(len(chosen), B)),
+                "train/dynamic_sampling/filtered_groups": float(filtered),
+                "train/dynamic_sampling/filled_groups": float(filled),
+                "train/dynamic_sampling/generated_groups": float(generated),
+            },
+            on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1, reduce_fx="sum", batch_size=1,
+        )
+        module.log("train/dynamic_sampling/rounds", float(rounds), on_step=True, on_epoch=False, batch_size=1)
+
+    def _anyone_short(self, short: bool, module) -> bool:
+        """Whether any rank still lacks groups (every rank must take the same number of extra rounds)."""
+        if not checkpointing.distributed():
+            return short
+        flag = torch.tensor([1.0 if short else 0.0], device=module.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _draw(self, trainer, module, count: int):
+        """``count`` prompts of this rank's shard of the training set, encoded and on the module's device."""
+        loader = trainer.train_dataloader
+        dataset, collate = loader.dataset, loader.collate_fn
+        rank, world = trainer.global_rank, trainer.world_size
+        shard = torch.arange(rank, len(dataset), world)
+        picks = shard[torch.randperm(len(shard), generator=self._generator)[: min(count, len(shard))]]
+        batch = collate([dataset[int(i)] for i in picks])
+        batch = trainer.precision_plugin.convert_input(batch)
+        return trainer.strategy.batch_to_device(batch)
+
+    # --- checkpoint -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        mine = {"generator": self._generator.get_state() if self._generator is not None else None}
+        return {"per_rank": checkpointing.gather_per_rank(mine)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loaded = state_dict
