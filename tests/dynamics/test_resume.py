@@ -1,0 +1,137 @@
+"""fit --ckpt_path: model, optimizer, scheduler, RNG, data order, warm-up and replay buffer come back exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dyn_helpers import RolloutLog, fit, make_data, make_module, parameters
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks import DynamicSampling, ReplayBuffer, RewardWeightWarmup
+from dapo_lightning.models import load_policy
+
+REWARDS = ("dyn_helpers.starts_with_abc", "format")
+
+
+class StopAfter(Callback):
+    """Interrupts a run configured for more steps (the schedule and warm-up see the full run's length)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def callbacks(tmp, **buffer):
+    return [
+        RewardWeightWarmup(early_reward_weights=[2.0, 0.5], warmup_ratio=0.5),
+        DynamicSampling(max_tries=1, oversample_factor=0.5),
+        ReplayBuffer(replay_buffer_size=buffer.get("size", 3)),
+        ModelCheckpoint(dirpath=str(tmp / "ckpt"), every_n_train_steps=2, save_top_k=-1, save_last=True),
+        RolloutLog(),
+    ]
+
+
+def run(tmp, model_dir, parquet, *, steps=4, stop_after=None, ckpt_path=None, cbs=None, module=None):
+    cbs = cbs if cbs is not None else callbacks(tmp)
+    if stop_after is not None:
+        cbs = [*cbs, StopAfter(stop_after)]
+    module = module or make_module(model_dir, rewards=REWARDS, weights=[1.0, 1.0])
+    # 36 training rows / batch 2 = 18 batches an epoch: steps 2 -> 4 stay inside the first epoch
+    trainer = fit(tmp, module, make_data(parquet, model_dir), steps=steps, callbacks=cbs, checkpoint=True,
+                  ckpt_path=ckpt_path, val_every=3, num_sanity_val_steps=1)
+    return trainer, module, cbs
+
+
+@pytest.fixture(scope="module")
+def straight_and_resumed(tmp_path_factory, tiny_model_dir, synthetic_parquet):
+    straight_dir, split_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("split")
+    _, straight, straight_cbs = run(straight_dir, tiny_model_dir, synthetic_parquet)
+    run(split_dir, tiny_model_dir, synthetic_parquet, stop_after=2)
+    trainer, resumed, resumed_cbs = run(split_dir, tiny_model_dir, synthetic_parquet,
+                                        ckpt_path=str(split_dir / "ckpt" / "epoch=0-step=2.ckpt"))
+    return straight, straight_cbs, resumed, resumed_cbs, trainer, split_dir
+
+
+def test_two_steps_resume_two_steps_equals_four_steps(straight_and_resumed):
+    straight, straight_cbs, resumed, resumed_cbs, trainer, _ = straight_and_resumed
+    assert trainer.global_step == 4
+    a, b = parameters(straight), parameters(resumed)
+    assert a.keys() == b.keys()
+    initial = dict(load_policy(straight.policy_cfg.model_name_or_path).named_parameters())
+    assert max(float((a[n] - p.detach()).abs().max()) for n, p in initial.items()) > 1e-3  # the steps did move the weights
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resumed_steps_see_the_same_prompts_rewards_and_replays(straight_and_resumed):
+    _, straight_cbs, _, resumed_cbs, _, _ = straight_and_resumed
+    straight_log, resumed_log = straight_cbs[4].steps, resumed_cbs[4].steps
+    assert len(straight_log) == 4 and len(resumed_log) == 2
+    # the compared steps exercise replay and dynamic sampling's extra prompts (indices beyond the loader's B=2)
+    assert any(bool(s["replayed"].any()) for s in straight_log[2:]), [s["replayed"] for s in straight_log]
+    for s, r in zip(straight_log[2:], resumed_log):
+        assert r["index"] == s["index"]  # data order (and dynamic sampling's extra prompts) continue
+        assert torch.equal(r["replayed"], s["replayed"])
+        torch.testing.assert_close(r["rewards"], s["rewards"], rtol=0, atol=0)  # same sampled completions
+
+
+def test_replay_buffer_and_warmup_state_are_restored(straight_and_resumed):
+    _, straight_cbs, _, resumed_cbs, _, _ = straight_and_resumed
+    warm_a, warm_b = straight_cbs[0], resumed_cbs[0]
+    assert warm_a.boundary == warm_b.boundary == 2  # int(4 * 0.5)
+    buffer_a, buffer_b = straight_cbs[2], resumed_cbs[2]
+    assert len(buffer_a) == len(buffer_b) > 0
+    assert buffer_a.scores == pytest.approx(buffer_b.scores, abs=1e-6)
+    for (_, _, ra), (_, _, rb) in zip(buffer_a._heap, buffer_b._heap):
+        assert torch.equal(ra["prompt"]["input_ids"], rb["prompt"]["input_ids"])
+        assert torch.equal(ra["rows"]["completion_ids"], rb["rows"]["completion_ids"])
+    assert torch.equal(buffer_a._generator.get_state(), buffer_b._generator.get_state())
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_every_state(straight_and_resumed):
+    *_, split_dir = straight_and_resumed
+    checkpoint = torch.load(split_dir / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)  # only plain data
+    assert checkpoint["global_step"] == 2
+    assert {"optimizer_states", "lr_schedulers", "rng_states", "DDMDataModule"} <= checkpoint.keys()
+    assert len(checkpoint["rng_states"]) == 1  # one per rank
+    states = {key.split("{")[0]: value for key, value in checkpoint["callbacks"].items()}
+    assert states["RewardWeightWarmup"]["boundary"] == 2
+    buffer = states["ReplayBuffer"]
+    assert buffer["replay_buffer_size"] == 3 and len(buffer["per_rank"]) == 1
+    group = buffer["per_rank"][0]["groups"][0]["record"]
+    assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"} <= group["prompt"].keys()
+    assert {"completion_ids", "completion_mask", "advantages", "old_logps", "rewards"} <= group["rows"].keys()
+
+
+def test_buffer_contents_can_be_left_out(tmp_path, tiny_model_dir, synthetic_parquet):
+    cbs = callbacks(tmp_path)
+    cbs[2] = ReplayBuffer(replay_buffer_size=3, save_in_checkpoint=False)
+    run(tmp_path, tiny_model_dir, synthetic_parquet, stop_after=2, cbs=cbs)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    buffer = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ReplayBuffer"))
+    assert len(cbs[2]) > 0 and buffer["per_rank"][0]["groups"] == [] and not buffer["contents_saved"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("early_weights", "RewardWeightWarmup.early_reward_weights"),
+        ("buffer_size", "ReplayBuffer.replay_buffer_size"),
+        ("num_generations", "model.rollout.num_generations"),
+    ],
+)
+def test_resuming_with_another_config_names_the_key(straight_and_resumed, tiny_model_dir, synthetic_parquet,
+                                                    tmp_path, change, message):
+    *_, split_dir = straight_and_resumed
+    cbs = callbacks(tmp_path, size=5 if change == "buffer_size" else 3)
+    if change == "early_weights":
+        cbs[0] = RewardWeightWarmup(early_reward_weights=[1.0, 1.0], warmup_ratio=0.5)
+    module = make_module(tiny_model_dir, rewards=REWARDS, weights=[1.0, 1.0],
+                         G=2 if change == "num_generations" else 4)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        run(tmp_path, tiny_model_dir, synthetic_parquet, cbs=cbs, module=module,
+            ckpt_path=str(split_dir / "ckpt" / "epoch=0-step=2.ckpt"))
