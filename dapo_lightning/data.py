@@ -23,7 +23,7 @@ from typing import Any, Literal
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dapo_lightning import ddm
 from dapo_lightning.batch import PromptBatch
@@ -133,10 +133,15 @@ class PromptCollator:
         return batch.with_skipped(skipped)
 
 
-class ShardSampler(Sampler[int]):
-    """Rank r of W takes indices r, r + W, ... in order: no padding, no duplicates (exact eval metrics)."""
+class ShardSampler(DistributedSampler):
+    """Rank r of W takes indices r, r + W, ... in order: no padding, no duplicates (exact eval metrics).
+
+    A ``DistributedSampler`` so that Lightning leaves it in place under DDP (it wraps any
+    other sampler in a ``DistributedSamplerWrapper``, which would shard the shard again).
+    """
 
     def __init__(self, length: int, rank: int, world_size: int):
+        super().__init__(range(length), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
         self.indices = list(range(rank, length, world_size))
 
     def __iter__(self):
