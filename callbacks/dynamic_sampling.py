@@ -22,7 +22,9 @@ short anywhere"): a rank with enough groups generates along and discards, becaus
 generation round may contain collectives (batch-scaled advantages, logging).
 
 Extra rollouts are tagged: callbacks that act once per step (the replay buffer, log
-writers) skip them, and this callback ignores them, so it never recurses.
+writers) skip them, and this callback ignores them, so it never recurses. Order in
+``trainer.callbacks``: after the callbacks that annotate a rollout (AttentionMetrics,
+TokenWeights, RewardWeightWarmup), before ``ReplayBuffer`` (checked at fit start).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from callbacks.groups import assemble, group_record
+from callbacks.groups import assemble, check_runs_after_row_readers, group_record
 from dapo_lightning import checkpointing
 
 TAG = "dynamic_sampling"
@@ -92,6 +94,7 @@ class DynamicSampling(Callback):
         self._loaded: dict | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        check_runs_after_row_readers(trainer, self)
         if self._generator is None:
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
             self._generator = torch.Generator().manual_seed(seed + trainer.global_rank)

@@ -14,6 +14,13 @@ and :func:`assemble` writes a list of records back into a rollout, in place (the
 and the other callbacks hold that object), re-padding prompts on the left and
 completions on the right. Because the prompt side travels inside the record, a
 group can never be paired with another group's image or question.
+
+Per-row annotations in ``rollout.extras`` (lists, tuples or tensors with one entry per
+row) move with their groups. Any other ``extras`` value (an object indexed by the old
+rows) is dropped when a rollout is reassembled, since it would describe the wrong rows;
+a callback whose annotations must survive replay and dynamic sampling stores them per
+row. For the same reason a callback that reads such an object (token weights from
+captured attention) must run before the callbacks that move groups.
 """
 
 from __future__ import annotations
@@ -24,6 +31,22 @@ import torch
 from torch import Tensor
 
 from dapo_lightning.batch import PromptBatch, RolloutBatch
+
+# Callbacks that read rollout-level objects by row position, so they must see a rollout before groups move.
+READ_BY_ROW_POSITION = ("TokenWeights",)
+
+
+def check_runs_after_row_readers(trainer, mover) -> None:
+    """Raise if a callback of :data:`READ_BY_ROW_POSITION` is listed after ``mover`` in ``trainer.callbacks``."""
+    callbacks = list(trainer.callbacks)
+    for callback in callbacks[callbacks.index(mover) + 1 :]:
+        name = type(callback).__name__
+        if name in READ_BY_ROW_POSITION:
+            raise ValueError(
+                f"trainer.callbacks: list {name} before {type(mover).__name__} ({name} reads each rollout's own "
+                f"attention capture by row position; {type(mover).__name__} moves groups between rollouts)"
+            )
+
 
 _PAD_VALUE = {"completion_mask": 0, "old_logps": 0.0, "ref_logps": 0.0, "token_weights": 1.0}
 _FILL_WHEN_MISSING = {"token_weights": 1.0, "replayed": False}
@@ -174,6 +197,9 @@ def assemble(rollout: RolloutBatch, records: list[dict], *, pad_id: int) -> None
     for key in stale_extras:
         if key not in keys:
             rollout.extras[key] = [None] * rollout.num_rows
+    for key in [k for k in rollout.extras if k not in keys and k not in stale_extras]:
+        # an object indexed by the old rows (e.g. an attention report) would now describe the wrong rows
+        del rollout.extras[key]
     for key in keys:
         values = [r["extras"].get(key) for r in records]
         if all(isinstance(v, Tensor) for v in values):

@@ -37,7 +37,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from callbacks.groups import assemble, group_record
+from callbacks.groups import assemble, check_runs_after_row_readers, group_record
 from dapo_lightning import checkpointing
 
 
@@ -119,6 +119,7 @@ class ReplayBuffer(Callback):
                     "trainer.callbacks: list DynamicSampling before ReplayBuffer (dynamic sampling must filter the "
                     "batch before the buffer replaces what is left ineligible)"
                 )
+        check_runs_after_row_readers(trainer, self)
         self._reward_names = [spec.name for spec in pl_module.reward_specs]
         self._num_generations = pl_module.rollout_cfg.num_generations
         if self._generator is None:
