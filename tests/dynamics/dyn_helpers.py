@@ -105,3 +105,32 @@ class RolloutLog(Callback):
 
 def parameters(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+
+
+class RankRecorder(Callback):
+    """Writes, per rank, what each training step trained on and what validation saw (for the DDP test)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.steps, self.val_index, self.loader = [], [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.loader.append(list(batch.index))
+
+    def on_rollout_scored(self, trainer, module, rollout):
+        if rollout.stage == "train" and rollout.tag is None:
+            self.steps.append({"index": list(rollout.prompts.index), "rows": rollout.num_rows,
+                               "width": int(rollout.completion_ids.shape[1]),
+                               "micro_batches": len(module.row_chunks(rollout.num_rows)),
+                               "replayed": rollout.replayed.view(-1, rollout.num_generations)[:, 0].tolist()})
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.val_index.extend(batch.index)
+
+    def on_train_end(self, trainer, module):
+        import json
+
+        with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"steps": self.steps, "val_index": self.val_index, "loader": self.loader,
+                       "world_size": trainer.world_size}, f)
