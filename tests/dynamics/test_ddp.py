@@ -122,3 +122,29 @@ def test_probe_counts_are_summed_over_ranks(ddp_runs):
 
     assert len(scalars(tmp / "straight", "val/probe/text_black/accuracy")) == 1
     assert scalars(tmp / "straight", "val/probe/image_text/accuracy") == scalars(tmp / "straight", "val/accuracy")
+
+
+def test_ddp_with_attention_metrics_token_weights_and_markdown_logs(tmp_path, tiny_model_dir, synthetic_parquet):
+    """Needs the attention callbacks: the full loop, every callback of the experiments, two processes."""
+    callbacks = [
+        {"class_path": "callbacks.AttentionMetrics", "init_args": {"every_n_steps": 1}},
+        {"class_path": "callbacks.TokenWeights", "init_args": {"smooth_sigma": 1.0, "clip": [0.2, 3.0]}},
+        *json.loads(json.dumps(CALLBACKS)),
+        {"class_path": "callbacks.MarkdownRolloutLog", "init_args": {"dirpath": str(tmp_path / "md")}},
+    ]
+    cfg = config(tmp_path / "run", tiny_model_dir, synthetic_parquet, callbacks, record="run")
+    cfg["trainer"]["max_steps"] = 2
+    cfg["trainer"]["val_check_interval"] = 2
+    cfg["model"]["rewards"] = {"reward_funcs": ["dyn_helpers.starts_with_abc", "vgr"], "reward_weights": [1.0, 0.1]}
+    warmup = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("RewardWeightWarmup"))
+    warmup["init_args"]["early_reward_weights"] = [2.0, 0.0]
+    launch(tmp_path, cfg)
+    ranks = [json.loads((tmp_path / "run" / f"run.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["rows"] for s in ranks[0]["steps"]] == [s["rows"] for s in ranks[1]["steps"]] == [8, 8]
+    from dyn_helpers import scalars
+
+    assert scalars(tmp_path / "run", "train/attention/late/vgr") or scalars(tmp_path / "run", "train/attention/all/vgr")
+    assert scalars(tmp_path / "run", "train/rewards/vgr/mean")
+    markdown = sorted(p.name for p in (tmp_path / "md").iterdir())
+    assert "rollout_results.md" in markdown and "eval_results.md" in markdown  # written once, by rank 0
+    assert (tmp_path / "md" / "rollout_results.md").read_text().count("\n# ") == 0  # one title, steps appended
