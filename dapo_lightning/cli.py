@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dapo_lightning.checkpointing import check_same_config
 from dapo_lightning.data import DDMDataModule
 from dapo_lightning.module import DAPOModule
 
@@ -25,6 +27,16 @@ class DAPOLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data module encodes prompts with the policy's own processor.
         parser.link_arguments("model.policy.model_name_or_path", "data.processor")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the model's config by the checkpoint's hyper-parameters, silently; a checkpoint
+        # of another experiment (other model, LoRA, rewards, group size) is an error naming the key instead.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            check_same_config(saved, self.config[subcommand].get("model"), source=f"checkpoint {ckpt_path}")
+        super()._parse_ckpt_path()
 
 
 def main(args: list[str] | None = None) -> None:

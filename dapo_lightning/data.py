@@ -358,13 +358,22 @@ class DDMDataModule(LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        """The current epoch's shuffling seed (one process), so a resumed run continues the same order."""
+        """The batch size and the current epoch's shuffling seed (one process), so a resume continues the order."""
         sampler = self._train_sampler
-        if sampler is None or sampler.epoch_seed is None:
+        if sampler is None:
             return {}
-        return {"train_order": {"epoch": int(sampler.epoch), "seed": int(sampler.epoch_seed)}}
+        state = {"batch_size": int(self.hparams.batch_size)}
+        if sampler.epoch_seed is not None:
+            state["train_order"] = {"epoch": int(sampler.epoch), "seed": int(sampler.epoch_seed)}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("batch_size")
+        if saved is not None and saved != self.hparams.batch_size:
+            raise ValueError(
+                f"data.batch_size: the checkpoint was trained with {saved} prompts per step, this configuration has "
+                f"{self.hparams.batch_size}; resume with the same value (the position in the epoch counts batches)"
+            )
         self._saved_order = state_dict.get("train_order")
 
     def val_dataloader(self) -> DataLoader:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dyn_helpers import RolloutLog, fit, make_data, make_module, parameters
+import yaml
+from dyn_helpers import RolloutLog, fit, make_data, make_module, make_trainer, parameters
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import DynamicSampling, ReplayBuffer, RewardWeightWarmup
+from dapo_lightning.cli import main
 from dapo_lightning.models import load_policy
 
 REWARDS = ("dyn_helpers.starts_with_abc", "format")
@@ -135,3 +137,30 @@ def test_resuming_with_another_config_names_the_key(straight_and_resumed, tiny_m
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         run(tmp_path, tiny_model_dir, synthetic_parquet, cbs=cbs, module=module,
             ckpt_path=str(split_dir / "ckpt" / "epoch=0-step=2.ckpt"))
+
+
+def test_resuming_with_another_batch_size_names_the_key(straight_and_resumed, tiny_model_dir, synthetic_parquet,
+                                                        tmp_path):
+    *_, split_dir = straight_and_resumed
+    module = make_module(tiny_model_dir, rewards=REWARDS, weights=[1.0, 1.0])
+    trainer = make_trainer(tmp_path, steps=4, callbacks=callbacks(tmp_path), checkpoint=True)
+    with pytest.raises(ValueError, match=r"data\.batch_size: the checkpoint was trained with 2 prompts per step"):
+        trainer.fit(module, make_data(synthetic_parquet, tiny_model_dir, batch_size=3),
+                    ckpt_path=str(split_dir / "ckpt" / "epoch=0-step=2.ckpt"))
+
+
+def test_the_cli_refuses_a_checkpoint_of_another_experiment(straight_and_resumed, tiny_model_dir, synthetic_parquet,
+                                                           tmp_path):
+    """Lightning's CLI would silently replace the model config by the checkpoint's; a structural change is an error."""
+    *_, split_dir = straight_and_resumed
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "max_steps": 4, "default_root_dir": str(tmp_path)},
+        "model": {"policy": {"model_name_or_path": str(tiny_model_dir)},
+                  "rollout": {"num_generations": 2, "max_completion_length": 3},
+                  "rewards": {"reward_funcs": list(REWARDS)}},
+        "data": {"train_path": str(synthetic_parquet), "batch_size": 2, "system_prompt": None},
+    }))
+    with pytest.raises(ValueError, match=r"model\.rollout\.num_generations: checkpoint .* was trained with 4, "
+                                         r"this configuration has 2"):
+        main(["fit", "--config", str(config), "--ckpt_path", str(split_dir / "ckpt" / "epoch=0-step=2.ckpt")])
