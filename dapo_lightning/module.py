@@ -172,6 +172,9 @@ class DAPOModule(LightningModule):
                     f"model.rewards.reward_funcs: reward {spec.name!r} (weight {weight}) needs per-sample "
                     f"{', '.join(missing)} values that no callback provides{hint}"
                 )
+        problem = deepspeed_accumulation_problem(getattr(self.trainer.strategy, "config", None), self.optim_cfg)
+        if type(self.trainer.strategy).__name__ == "DeepSpeedStrategy" and problem:
+            raise ValueError(problem)
         self.export_dir = _free_folder(Path(self.trainer.default_root_dir) / "final")
         if self._reference:
             self._reference[0].to(self.device)
@@ -530,6 +533,33 @@ class DAPOModule(LightningModule):
         if self.accuracy_before_training is not None and self.trainer.callback_metrics.get("val/accuracy") is not None:
             after = float(self.trainer.callback_metrics["val/accuracy"])
             rank_zero_info(f"[eval] accuracy before training {self.accuracy_before_training:.3f} -> after {after:.3f}")
+
+
+def deepspeed_accumulation_problem(config: dict | None, optim: OptimConfig) -> str | None:
+    """Why a DeepSpeed config would train on the wrong gradient with this module's micro-batches, or None.
+
+    ``update`` calls backward once per micro-batch and steps once. With DeepSpeed's managed
+    accumulation and gradient_accumulation_steps 1 (what Lightning sets), every backward is an
+    accumulation boundary, and ZeRO-2 resets its gradient partition there: only the last
+    micro-batch's gradient reaches the optimizer. ``"managed_gradient_accumulation": false``
+    (DeepSpeed >= 0.19) makes ``step()`` the boundary instead.
+    """
+    if not config or optim.micro_batch_size is None:
+        return None  # one backward per optimizer step: any accumulation mode is right
+    if config.get("managed_gradient_accumulation", True) is not False:
+        return (
+            'trainer.strategy: the DeepSpeed config must set "managed_gradient_accumulation": false when '
+            "model.optim.micro_batch_size splits a step into several backward passes (with managed accumulation "
+            "ZeRO keeps only the last micro-batch's gradient); see configs/deepspeed_zero2.json"
+        )
+    import deepspeed.runtime.config as ds_config
+
+    if not hasattr(ds_config, "get_managed_gradient_accumulation"):
+        return (
+            'trainer.strategy: this DeepSpeed ignores "managed_gradient_accumulation"; install a DeepSpeed that '
+            "supports it (0.19.8 does) or set model.optim.micro_batch_size: null"
+        )
+    return None
 
 
 def _free_folder(path: Path) -> Path:

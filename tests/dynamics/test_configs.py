@@ -311,3 +311,16 @@ def test_experiment_runs_two_steps_on_the_cpu(tmp_path, monkeypatch, tiny_model_
         assert scalars(tmp_path / "run", "train/rewards/vgr/mean") or scalars(
             tmp_path / "run", "train/rewards/vgr_hard_negative/mean")
     assert (tmp_path / "run" / "final").exists()
+
+
+def test_a_deepspeed_config_with_managed_accumulation_is_refused():
+    """ZeRO-2 with managed accumulation keeps only the last micro-batch's gradient: the module refuses it."""
+    from dapo_lightning.config import OptimConfig
+    from dapo_lightning.module import deepspeed_accumulation_problem
+
+    ours = json.loads((CONFIGS / "deepspeed_zero2.json").read_text())
+    assert deepspeed_accumulation_problem(ours, OptimConfig(micro_batch_size=4)) is None
+    managed = {k: v for k, v in ours.items() if k != "managed_gradient_accumulation"}
+    problem = deepspeed_accumulation_problem(managed, OptimConfig(micro_batch_size=4))
+    assert problem.startswith('trainer.strategy: the DeepSpeed config must set "managed_gradient_accumulation": false')
+    assert deepspeed_accumulation_problem(managed, OptimConfig(micro_batch_size=None)) is None  # one backward a step
