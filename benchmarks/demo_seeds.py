@@ -93,7 +93,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"| variant | seed | final greedy accuracy | first step >= {args.threshold} | frac_reward_zero_std (last 50 steps) |",
+        f"| variant | seed | final greedy accuracy | first step >= {args.threshold} "
+        "| frac_reward_zero_std (last 50 steps) |",
         "|---|---|---|---|---|",
     ]
     for r in results:
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each uses one thread)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "demo_seeds"))
     parser.add_argument("--model", default=".cache/models/tiny", help="the demo's offline model (built if missing)")
-    parser.add_argument("--data", default=".cache/data/synthetic-colour.parquet", help="the demo's data (built if missing)")
+    parser.add_argument("--data", default=".cache/data/synthetic-colour.parquet",
+                        help="the demo's data (built if missing)")
     return parser
 
 

@@ -109,7 +109,9 @@ def group_record(rollout: RolloutBatch, g: int, *, device=None, pixel_dtype: tor
         "prompt": {
             "input_ids": prompt.input_ids.to(device).clone(),
             "attention_mask": prompt.attention_mask.to(device).clone(),
-            "mm_token_type_ids": None if prompt.mm_token_type_ids is None else prompt.mm_token_type_ids.to(device).clone(),
+            "mm_token_type_ids": None
+            if prompt.mm_token_type_ids is None
+            else prompt.mm_token_type_ids.to(device).clone(),
             "pixel_values": _move(pixel_values, device, pixel_dtype).clone(),
             "image_grid_thw": prompt.image_grid_thw.to(device).clone(),
             "image_counts": list(prompt.image_counts),

@@ -193,8 +193,9 @@ class ReplayBuffer(Callback):
     # --- checkpoint -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        groups = [{"score": s, "order": c, "record": r} for s, c, r in self._heap] if self.save_in_checkpoint else []
         mine = {
-            "groups": [{"score": s, "order": c, "record": r} for s, c, r in self._heap] if self.save_in_checkpoint else [],
+            "groups": groups,
             "counter": self._counter,
             "generator": self._generator.get_state() if self._generator is not None else None,
         }

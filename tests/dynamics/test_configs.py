@@ -59,7 +59,8 @@ def test_every_yaml_under_configs_is_covered():
 def test_top_level_config_parses(parser, name):
     import yaml
 
-    complete = "model_name_or_path" in (yaml.safe_load((CONFIGS / name).read_text()).get("model", {}).get("policy") or {})
+    policy = yaml.safe_load((CONFIGS / name).read_text()).get("model", {}).get("policy") or {}
+    complete = "model_name_or_path" in policy
     cfg = parse(parser, name) if complete else parse(parser, "demo.yaml", name)  # an overlay: on the demo
     assert cfg.model.policy.model_name_or_path and cfg.data
 
@@ -265,7 +266,8 @@ def test_deepspeed_strategy_is_built_from_the_json(parser, monkeypatch, tiny_mod
     assert "gradient_accumulation_steps" not in strategy.config
     assert strategy.config["gradient_clipping"] == 1.0
     trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, precision=cfg.trainer.precision, logger=False)
-    assert isinstance(trainer.precision_plugin, DeepSpeedPrecision) and trainer.precision_plugin.precision == "bf16-mixed"
+    assert isinstance(trainer.precision_plugin, DeepSpeedPrecision)
+    assert trainer.precision_plugin.precision == "bf16-mixed"
 
 
 def test_deepspeed_version_supports_caller_owned_accumulation():

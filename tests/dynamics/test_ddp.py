@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 CALLBACKS = [
-    {"class_path": "callbacks.RewardWeightWarmup", "init_args": {"early_reward_weights": [2.0, 0.5], "warmup_ratio": 0.5}},
+    {"class_path": "callbacks.RewardWeightWarmup",
+     "init_args": {"early_reward_weights": [2.0, 0.5], "warmup_ratio": 0.5}},
     {"class_path": "callbacks.DynamicSampling", "init_args": {"oversample_factor": 0.5, "max_tries": 1}},
     {"class_path": "callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 4}},
     {"class_path": "callbacks.ModalityProbe", "init_args": {"variants": ["image_text", "text_black"]}},
