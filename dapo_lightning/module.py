@@ -76,7 +76,8 @@ class DAPOModule(LightningModule):
             rewards: Reward functions, weights and advantage scaling.
             loss: The clipped policy-gradient objective.
             optim: Optimizer, schedule, updates per rollout and micro-batching.
-            export_final: Save the trained policy (or LoRA adapter) with its processor to ``<default_root_dir>/final``.
+            export_final: Save the trained policy (or LoRA adapter) with its processor to ``<default_root_dir>/final``
+                (``final-1``, ``final-2``, ... when taken: nothing is overwritten).
         """
         super().__init__()
         self.policy_cfg = _coerce(PolicyConfig, policy)
