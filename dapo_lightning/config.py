@@ -77,6 +77,8 @@ class RolloutConfig:
     """Completions per prompt in validation."""
     eval_greedy: bool = False
     """Validate with greedy decoding (then one completion per prompt is enough)."""
+    shared_prompt: bool = True
+    """Encode each image and run each prompt once per group, in generation and in the log-prob passes (same numbers, less work)."""
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "model.rollout.num_generations", f"must be >= 2, got {self.num_generations}")

@@ -42,7 +42,14 @@ from dapo_lightning.loss import dapo_policy_loss, micro_batch_scale
 from dapo_lightning.models import apply_lora, load_policy, load_processor
 from dapo_lightning.rewards import get_reward_spec
 from dapo_lightning.rewards.accuracy import accuracy as accuracy_reward
-from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_logps, generate
+from dapo_lightning.rollout import (
+    SamplingSettings,
+    TokenIds,
+    completion_logps,
+    completion_logps_shared,
+    generate,
+    supports_shared_prompt,
+)
 from dapo_lightning.scoring import score
 
 
@@ -202,7 +209,8 @@ class DAPOModule(LightningModule):
         """Sample completions for ``batch`` and score them; callbacks run at their hook points."""
         start = time.perf_counter()
         with self._eval_mode():
-            rollout = generate(self.policy, batch, self.tokenizer, self.sampling(stage), self.token_ids, stage=stage)
+            rollout = generate(self.policy, batch, self.tokenizer, self.sampling(stage), self.token_ids, stage=stage,
+                               shared_prompt=self.rollout_cfg.shared_prompt)
         rollout.timings["generate"] = time.perf_counter() - start
         rollout.reward_names = [s.name for s in self.reward_specs]
         rollout.reward_weights = torch.tensor(self.reward_cfg.weights, dtype=torch.float32, device=self.device)
@@ -249,14 +257,18 @@ class DAPOModule(LightningModule):
             for capture in captures:
                 stack.enter_context(capture)
             for rows in self.row_chunks(rollout.num_rows):
-                inputs = rollout.model_inputs(rows)
-                for capture in captures:
-                    if hasattr(capture, "before_forward"):
-                        capture.before_forward(rows, inputs)
+                if captures:  # captures see one full prompt + completion forward per chunk
+                    inputs = rollout.model_inputs(rows)
+                    for capture in captures:
+                        if hasattr(capture, "before_forward"):
+                            capture.before_forward(rows, inputs)
+                    logps = self._logps(inputs).logps
+                elif need_old:
+                    logps = self.completion_logps(rollout, rows).logps
                 if captures or need_old:
-                    old.append(_pad_right(self._logps(inputs).logps, T))
+                    old.append(_pad_right(logps, T))
                 if need_ref:
-                    ref.append(_pad_right(self._reference_logps(inputs), T))
+                    ref.append(_pad_right(self._reference_logps(rollout, rows), T))
         if need_old:
             rollout.old_logps = torch.cat(old)  # [N, T]
         if need_ref:
@@ -265,11 +277,25 @@ class DAPOModule(LightningModule):
     def _logps(self, inputs: dict[str, Tensor], with_entropy: bool = False):
         return completion_logps(self.policy, inputs, temperature=self.rollout_cfg.temperature, with_entropy=with_entropy)
 
-    def _reference_logps(self, inputs: dict[str, Tensor]) -> Tensor:
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether log-prob passes run each prompt once (gradient checkpointing recomputes layers: no shared cache)."""
+        return (self.rollout_cfg.shared_prompt and not self.policy_cfg.gradient_checkpointing
+                and supports_shared_prompt(self.policy))
+
+    def completion_logps(self, rollout: RolloutBatch, rows: list[int], *, with_entropy: bool = False, model=None):
+        """Log-probs of the completions of ``rows`` under ``model`` (the policy by default), [n, T']."""
+        model = self.policy if model is None else model
+        temperature = self.rollout_cfg.temperature
+        if self.shares_prompts:
+            return completion_logps_shared(model, rollout, rows, temperature=temperature, with_entropy=with_entropy)
+        return completion_logps(model, rollout.model_inputs(rows), temperature=temperature, with_entropy=with_entropy)
+
+    def _reference_logps(self, rollout: RolloutBatch, rows: list[int]) -> Tensor:
         if self._reference:
-            return completion_logps(self._reference[0], inputs, temperature=self.rollout_cfg.temperature).logps
+            return self.completion_logps(rollout, rows, model=self._reference[0]).logps
         with self.policy.disable_adapter():  # LoRA: the base model is the reference
-            return self._logps(inputs).logps
+            return self.completion_logps(rollout, rows).logps
 
     def update(self, rollout: RolloutBatch) -> dict[str, float]:
         """``num_iterations`` optimizer steps of the DAPO loss over the rollout, in micro-batches."""
@@ -284,8 +310,7 @@ class DAPOModule(LightningModule):
         tokens_seen = 0.0
         for iteration in range(self.optim_cfg.num_iterations):
             for rows in chunks:
-                inputs = rollout.model_inputs(rows)
-                lp = self._logps(inputs, with_entropy=iteration == 0)
+                lp = self.completion_logps(rollout, rows, with_entropy=iteration == 0)
                 width = lp.logps.shape[1]
                 idx = torch.tensor(rows, device=self.device)
                 old = rollout.old_logps[idx, :width] if rollout.old_logps is not None else lp.logps.detach()
