@@ -199,6 +199,7 @@ class DAPOModule(LightningModule):
         return SamplingSettings(
             num_generations=cfg.num_generations if stage == "train" else (1 if greedy else cfg.eval_num_generations),
             max_new_tokens=cfg.max_completion_length,
+            min_new_tokens=cfg.min_completion_length,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,

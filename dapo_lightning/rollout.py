@@ -26,6 +26,7 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def generate_hf(
         **sampling,
         num_return_sequences=settings.num_generations,
         max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens or None,
         eos_token_id=list(token_ids.eos),
         pad_token_id=token_ids.pad,
         suppress_tokens=list(token_ids.suppress) or None,
@@ -176,8 +178,9 @@ def generate_shared(
     eos = torch.tensor(token_ids.eos, device=device)
     finished = torch.zeros(B * G, dtype=torch.bool, device=device)
     steps = []
+    suppress_eos = torch.cat([suppress, eos]) if suppress is not None else eos
     for t in range(settings.max_new_tokens):
-        token = sample_next(logits, settings, suppress)  # [N]
+        token = sample_next(logits, settings, suppress_eos if t < settings.min_new_tokens else suppress)  # [N]
         token = torch.where(finished, torch.full_like(token, token_ids.pad), token)
         steps.append(token)
         finished |= torch.isin(token, eos)

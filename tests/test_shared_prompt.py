@@ -24,8 +24,9 @@ from tests.test_module import GradientCapture, fit, make_module
     [
         SamplingSettings(num_generations=1, max_new_tokens=8, greedy=True),
         SamplingSettings(num_generations=4, max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=20),
+        SamplingSettings(num_generations=2, max_new_tokens=6, min_new_tokens=6),
     ],
-    ids=["greedy", "sampled"],
+    ids=["greedy", "sampled", "min-length"],
 )
 def test_shared_generation_samples_exactly_what_generate_samples(policy, processor, prompt_batch, settings):
     token_ids = TokenIds.from_tokenizer(processor.tokenizer, policy.generation_config)
@@ -37,6 +38,8 @@ def test_shared_generation_samples_exactly_what_generate_samples(policy, process
     assert torch.equal(shared.completion_ids, reference.completion_ids)
     assert torch.equal(shared.completion_mask, reference.completion_mask)
     assert shared.completions == reference.completions
+    if settings.min_new_tokens:
+        assert (shared.completion_mask.sum(-1) == settings.min_new_tokens).all()
 
 
 def _rollout(policy, processor, prompt_batch):
