@@ -228,7 +228,7 @@ class DAPOModule(LightningModule):
                 "max_completion_length": self.rollout_cfg.max_completion_length,
                 "soft_punish_cache": self.reward_cfg.soft_punish_cache,
             },
-            batch_std=self._global_std,
+            batch_std=self._global_std if stage == "train" else None,  # validation shards are uneven: no collectives
         )
         rollout.timings["score"] = time.perf_counter() - start
         hooks.call_hook(self.trainer, "on_rollout_scored", self, rollout)
@@ -304,6 +304,9 @@ class DAPOModule(LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         cfg = self.loss_cfg
         chunks = self.row_chunks(rollout.num_rows)
+        # DDP all-reduces every backward, so every process must make the same number of them even when its
+        # rollout has fewer rows (skipped bad rows): the missing micro-batches back-propagate a zero loss.
+        padding_chunks = int(self._global_max(torch.tensor(float(len(chunks)), device=self.device))) - len(chunks)
         scale = micro_batch_scale(cfg.loss_type, len(chunks))
         # SPEC 5: dapo divides by the step's valid tokens over all micro-batches and processes, per process.
         normalizer = self._global_sum(rollout.completion_mask.sum().float()) / self.trainer.world_size
@@ -340,6 +343,8 @@ class DAPOModule(LightningModule):
                     for key, value in out.metrics.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * n
                     totals["entropy"] = totals.get("entropy", 0.0) + float((lp.entropy * lp.mask).sum())
+            for _ in range(padding_chunks):
+                self.manual_backward(sum((p * 0).sum() for p in self.policy.parameters() if p.requires_grad))
             totals.setdefault("grad_norm", self._clip_gradients(optimizer))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -369,6 +374,12 @@ class DAPOModule(LightningModule):
         value = value.detach().clone()
         if self._distributed():
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def _global_max(self, value: Tensor) -> Tensor:
+        value = value.detach().clone()
+        if self._distributed():
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 
     def _global_std(self, rewards: Tensor) -> Tensor:
@@ -449,6 +460,8 @@ class DAPOModule(LightningModule):
     # --- validation -------------------------------------------------------------------------------------
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        if len(batch) == 0:  # every row of this batch was unusable and skipped
+            return
         rollout = self.make_rollout(batch, stage="val")
         self.val_accuracy.update(self.rollout_accuracy(rollout))
         self.val_reward.update(rollout.rewards)
@@ -460,10 +473,10 @@ class DAPOModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         accuracy = float(self.val_accuracy.compute())
         values = {"val/accuracy": accuracy, "val/reward_mean": float(self.val_reward.compute())}
-        for spec in self.reward_specs:
-            metric = self.val_rewards[self._metric_key(spec.name)]
-            if metric.update_count:
-                values[f"val/rewards/{spec.name}/mean"] = float(metric.compute())
+        for spec in self.reward_specs:  # every process computes every metric: compute() synchronises
+            value = float(self.val_rewards[self._metric_key(spec.name)].compute())
+            if not math.isnan(value):
+                values[f"val/rewards/{spec.name}/mean"] = value
         for metric in (self.val_accuracy, self.val_reward, *self.val_rewards.values()):
             metric.reset()
         if self.trainer.sanity_checking:

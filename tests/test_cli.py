@@ -65,21 +65,45 @@ def test_demo_config_trains_logs_and_exports(tmp_path):
     assert load_processor(str(final)).tokenizer.padding_side == "left"
 
 
+def _parquet_with_bad_images(path: Path, rows: int = 40) -> Path:
+    """Synthetic questions where every third image is unreadable bytes."""
+    from datasets import Dataset
+
+    from data_prep.synthetic import SyntheticConfig, generate_rows
+    from dapo_lightning.ddm import ddm_features
+
+    data = generate_rows(SyntheticConfig(rows=rows, seed=5, image_size=56, question_types=("colour",)))
+    for i, row in enumerate(data):
+        if i % 3 == 0:
+            row["image"] = {"bytes": b"not an image", "path": None}
+    Dataset.from_list(data, features=ddm_features()).to_parquet(str(path))
+    return path
+
+
 @pytest.mark.slow
 def test_two_process_ddp_fit_on_cpu(tmp_path):
+    """Per-rank prompts, rank-zero files, and full batches on every rank when rows are skipped."""
     ranks = tmp_path / "ranks"
-    args = demo_overrides(tmp_path, steps=2) + [
+    data = _parquet_with_bad_images(tmp_path / "bad.parquet")
+    args = demo_overrides(tmp_path, steps=3) + [
         "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.num_sanity_val_steps=0",
+        f"--data.train_path={data}", "--data.on_bad_row=skip", "--data.batch_size=3",
+        "--model.optim.micro_batch_size=8",  # one prompt (8 completions) per micro-batch
         "--trainer.callbacks+=tests.rank_recorder.RankRecorder", f"--trainer.callbacks.folder={ranks}",
     ]
     run_cli(args, tmp_path, timeout=400)
     records = [json.loads((ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]
-    assert [r["global_step"] for r in records] == [2, 2]
-    # each process trained on its own prompts: 2 steps x 2 prompts, no row shared between ranks
-    assert [len(r["rows"]) for r in records] == [4, 4]
-    assert not set(records[0]["rows"]) & set(records[1]["rows"])
-    assert "train/loss" in scalar_tags(tmp_path / "run")
+    assert [r["global_step"] for r in records] == [3, 3]
+    # each process trained on its own prompts (a skipped row's replacement may come from anywhere),
+    # and every batch was refilled to 3 prompts on both ranks
+    rows = [set(r["rows"]) for r in records]
+    skipped = sum(r["skipped"] for r in records)
+    assert skipped > 0
+    assert len(rows[0] & rows[1]) <= skipped
+    assert [r["prompts_per_step"] for r in records] == [[3, 3, 3], [3, 3, 3]]
+    tags = scalar_tags(tmp_path / "run")
+    assert "train/loss" in tags and "train/skipped_rows" in tags
     assert (tmp_path / "run" / "final" / "model.safetensors").exists() and not (tmp_path / "run" / "final-1").exists()
 
 

@@ -286,3 +286,22 @@ def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir, synthetic_parqu
     fit(tmp_path, module, synthetic_parquet, tiny_model_dir, steps=1, callbacks=[capture])
     assert module.policy.is_gradient_checkpointing
     assert sum(float(g.abs().sum()) for g in capture.grads.values()) > 0
+
+
+def test_processes_with_fewer_micro_batches_back_propagate_zeros(tmp_path, tiny_model_dir, synthetic_parquet,
+                                                                 monkeypatch):
+    """Under DDP every process must call backward equally often; the padding backward adds exactly zero."""
+    grads = []
+    for extra in (0, 2):
+        capture = GradientCapture()
+        module = make_module(tiny_model_dir, rewards=("tests.test_module.text_length",),
+                             optim=OptimConfig(learning_rate=1e-2, micro_batch_size=4))
+        calls = []
+        original = module.manual_backward
+        monkeypatch.setattr(module, "manual_backward", lambda loss: (calls.append(1), original(loss)))
+        monkeypatch.setattr(module, "_global_max", lambda value: value + extra)  # as if another rank had more
+        fit(tmp_path / str(extra), module, synthetic_parquet, tiny_model_dir, steps=1, callbacks=[capture])
+        assert len(calls) == 2 + extra  # 8 rows in micro-batches of 4, plus the padding
+        grads.append(capture.grads)
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name
