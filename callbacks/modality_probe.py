@@ -89,6 +89,8 @@ class ModalityProbe(Callback):
             self._image_text = (float(accuracy.sum()), float(accuracy.numel()))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if len(batch) == 0:  # every row of the batch was unusable and skipped: nothing was validated
+            return
         loader = trainer.val_dataloaders
         dataset, collate = loader.dataset, loader.collate_fn
         rows = [dataset[i] for i in batch.index]

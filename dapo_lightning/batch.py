@@ -33,6 +33,12 @@ class PromptBatch:
     index: list[int] = field(default_factory=list)  # [B] dataset row of each prompt
     num_skipped: int = 0  # unusable rows the collator dropped from this batch (data.on_bad_row=skip)
 
+    @classmethod
+    def empty(cls) -> PromptBatch:
+        """A batch with no prompts (every row of a validation batch was unusable)."""
+        return cls(input_ids=torch.zeros(0, 0, dtype=torch.long), attention_mask=torch.zeros(0, 0, dtype=torch.long),
+                   pixel_values=torch.zeros(0, 0), image_grid_thw=torch.zeros(0, 3, dtype=torch.long), image_counts=[])
+
     def with_skipped(self, count: int) -> PromptBatch:
         return replace(self, num_skipped=self.num_skipped + count)
 

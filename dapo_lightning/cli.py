@@ -47,7 +47,6 @@ def main(args: list[str] | None = None) -> None:
             DAPOModule,
             DDMDataModule,
             args=args,
-            save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "dapo-lightning"},
             auto_configure_optimizers=False,
         )

@@ -67,6 +67,8 @@ class RolloutConfig:
     """Completions per prompt (G); one group per prompt."""
     max_completion_length: int = 384
     """Most tokens a completion may have (EOS included)."""
+    min_completion_length: int = 0
+    """EOS cannot be sampled before this many tokens (benchmarks force a fixed length with it)."""
     temperature: float = 1.0
     """Sampling temperature; the log-probs of the loss use the same temperature."""
     top_p: float = 1.0
@@ -77,10 +79,17 @@ class RolloutConfig:
     """Completions per prompt in validation."""
     eval_greedy: bool = False
     """Validate with greedy decoding (then one completion per prompt is enough)."""
+    shared_prompt: bool = True
+    """Encode each image and run each prompt once per group, in generation and in the log-prob passes (same numbers, less work)."""
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "model.rollout.num_generations", f"must be >= 2, got {self.num_generations}")
         _check(self.max_completion_length >= 1, "model.rollout.max_completion_length", "must be >= 1")
+        _check(
+            0 <= self.min_completion_length <= self.max_completion_length,
+            "model.rollout.min_completion_length",
+            f"must be in [0, max_completion_length={self.max_completion_length}], got {self.min_completion_length}",
+        )
         _check(self.temperature > 0, "model.rollout.temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "model.rollout.top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.eval_num_generations >= 1, "model.rollout.eval_num_generations", "must be >= 1")

@@ -61,7 +61,14 @@ class DDMDataset(Dataset):
 
 
 class PromptCollator:
-    """Turns dataset rows into a ``PromptBatch`` with the processor; bad rows raise or are skipped."""
+    """Turns dataset rows into a ``PromptBatch`` with the processor.
+
+    With ``on_bad_row="error"`` an unusable row raises ``BadRow`` naming the file and row.
+    With ``"skip"`` it is dropped and counted; when ``refill_from`` is given (training),
+    the next usable row of that dataset takes its place, so every process keeps full
+    batches (and DDP's processes stay in step); validation drops without refilling, so
+    each held-out row is scored at most once.
+    """
 
     def __init__(
         self,
@@ -72,6 +79,7 @@ class PromptCollator:
         max_image_side: int | None,
         max_prompt_length: int | None,
         on_bad_row: str,
+        refill_from: Dataset | None = None,
     ):
         self.processor = processor
         self.source = source
@@ -79,45 +87,69 @@ class PromptCollator:
         self.max_image_side = max_image_side
         self.max_prompt_length = max_prompt_length
         self.on_bad_row = on_bad_row
+        self.refill_from = refill_from
+        self._bad: set[int] = set()  # rows known to be unusable (not retried as replacements)
+
+    def _prepare(self, row: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+        index = row["_index"]
+        solution = ddm.check_text(row.get("problem"), row.get("solution"), source=self.source, row=index,
+                                  require_options=True)
+        image = ddm.decode_image(row.get("image"), source=self.source, row=index, max_side=self.max_image_side)
+        text = self.processor.apply_chat_template(
+            build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
+        )
+        return text, image, {**row, "solution": solution}
+
+    def _replacement(self, taken: set[int], after: int) -> dict[str, Any] | None:
+        """The first usable-looking row after ``after`` (cyclically) not in this batch, or None."""
+        if self.refill_from is None:
+            return None
+        n = len(self.refill_from)
+        for step in range(1, n + 1):
+            index = (after + step) % n
+            if index not in taken and index not in self._bad:
+                return self.refill_from[index]
+        return None
 
     def __call__(self, rows: list[dict[str, Any]]) -> PromptBatch:
-        texts, images, kept, skipped = [], [], [], 0
-        for row in rows:
-            try:
-                solution = ddm.check_text(
-                    row.get("problem"), row.get("solution"), source=self.source, row=row["_index"], require_options=True
-                )
-                image = ddm.decode_image(row.get("image"), source=self.source, row=row["_index"], max_side=self.max_image_side)
-                text = self.processor.apply_chat_template(
-                    build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
-                )
-            except ddm.BadRow:
-                if self.on_bad_row == "error":
-                    raise
-                skipped += 1
-                continue
-            texts.append(text)
-            images.append(image)
-            kept.append({**row, "solution": solution})
-        if not kept:
-            raise ddm.BadRow(self.source, rows[0]["_index"], "every row of this batch is unusable (on_bad_row=skip)")
-        encoded = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-        if self.max_prompt_length is not None:
+        pending = list(rows)
+        taken = {row["_index"] for row in rows}
+        prepared: list[tuple[str, Any, dict[str, Any]]] = []
+        skipped = 0
+
+        def drop(row_index: int, error: ddm.BadRow) -> None:
+            nonlocal skipped
+            if self.on_bad_row == "error":
+                raise error
+            skipped += 1
+            self._bad.add(row_index)
+            replacement = self._replacement(taken, row_index)
+            if replacement is not None:
+                taken.add(replacement["_index"])
+                pending.append(replacement)
+
+        while True:
+            while pending:
+                row = pending.pop(0)
+                try:
+                    prepared.append(self._prepare(row))
+                except ddm.BadRow as error:
+                    drop(row["_index"], error)
+            if not prepared:
+                if self.refill_from is not None:
+                    raise ddm.BadRow(self.source, rows[0]["_index"], "no usable row is left to fill a batch")
+                return PromptBatch.empty().with_skipped(skipped)
+            texts, images, kept = map(list, zip(*prepared))
+            encoded = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
             lengths = encoded["attention_mask"].sum(-1).tolist()
-            too_long = [i for i, n in enumerate(lengths) if n > self.max_prompt_length]
-            if too_long:
-                if self.on_bad_row == "error":
-                    i = too_long[0]
-                    raise ddm.BadRow(
-                        self.source,
-                        kept[i]["_index"],
-                        f"prompt has {lengths[i]} tokens, more than data.max_prompt_length={self.max_prompt_length}",
-                    )
-                keep = [i for i in range(len(kept)) if i not in too_long]
-                if not keep:
-                    raise ddm.BadRow(self.source, kept[0]["_index"], "every prompt of this batch is too long")
-                skipped += len(too_long)
-                return self([{k: v for k, v in kept[i].items()} for i in keep]).with_skipped(skipped)
+            limit = self.max_prompt_length
+            too_long = [i for i, n in enumerate(lengths) if limit is not None and n > limit]
+            if not too_long:
+                break
+            for i in too_long:
+                reason = f"prompt has {lengths[i]} tokens, more than data.max_prompt_length={limit}"
+                drop(kept[i]["_index"], ddm.BadRow(self.source, kept[i]["_index"], reason))
+            prepared = [item for i, item in enumerate(prepared) if i not in too_long]
         columns = {k: [r[k] for r in kept] for k in kept[0] if k not in ("image", "_index")}
         batch = PromptBatch(
             input_ids=encoded["input_ids"],
@@ -320,7 +352,7 @@ class DDMDataModule(LightningDataModule):
             self._processor = load_processor(self.hparams.processor)
         return self._processor
 
-    def collator(self, source: str) -> PromptCollator:
+    def collator(self, source: str, refill_from: Dataset | None = None) -> PromptCollator:
         return PromptCollator(
             self.processor,
             source=source,
@@ -328,6 +360,7 @@ class DDMDataModule(LightningDataModule):
             max_image_side=self.hparams.max_image_side,
             max_prompt_length=self.hparams.max_prompt_length,
             on_bad_row=self.hparams.on_bad_row,
+            refill_from=refill_from,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -347,13 +380,14 @@ class DDMDataModule(LightningDataModule):
             saved = self._saved_order or {}
             sampler.resume_at(epoch, done * batch_size, saved.get("seed") if saved.get("epoch") == epoch else None)
         self._train_sampler = sampler
+        dataset = DDMDataset(self.train_table, self.source)
         return DataLoader(
-            DDMDataset(self.train_table, self.source),
+            dataset,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
             num_workers=self.hparams.num_workers,
-            collate_fn=self.collator(self.source),
+            collate_fn=self.collator(self.source, refill_from=dataset),
             persistent_workers=self.hparams.num_workers > 0,
         )
 

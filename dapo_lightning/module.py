@@ -42,7 +42,14 @@ from dapo_lightning.loss import dapo_policy_loss, micro_batch_scale
 from dapo_lightning.models import apply_lora, load_policy, load_processor
 from dapo_lightning.rewards import get_reward_spec
 from dapo_lightning.rewards.accuracy import accuracy as accuracy_reward
-from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_logps, generate
+from dapo_lightning.rollout import (
+    SamplingSettings,
+    TokenIds,
+    completion_logps,
+    completion_logps_shared,
+    generate,
+    supports_shared_prompt,
+)
 from dapo_lightning.scoring import score
 
 
@@ -76,7 +83,8 @@ class DAPOModule(LightningModule):
             rewards: Reward functions, weights and advantage scaling.
             loss: The clipped policy-gradient objective.
             optim: Optimizer, schedule, updates per rollout and micro-batching.
-            export_final: Save the trained policy (or LoRA adapter) with its processor to ``<default_root_dir>/final``.
+            export_final: Save the trained policy (or LoRA adapter) with its processor to ``<default_root_dir>/final``
+                (``final-1``, ``final-2``, ... when taken: nothing is overwritten).
         """
         super().__init__()
         self.policy_cfg = _coerce(PolicyConfig, policy)
@@ -230,6 +238,7 @@ class DAPOModule(LightningModule):
         return SamplingSettings(
             num_generations=cfg.num_generations if stage == "train" else (1 if greedy else cfg.eval_num_generations),
             max_new_tokens=cfg.max_completion_length,
+            min_new_tokens=cfg.min_completion_length,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,
@@ -244,7 +253,8 @@ class DAPOModule(LightningModule):
         """
         start = time.perf_counter()
         with self._eval_mode():
-            rollout = generate(self.policy, batch, self.tokenizer, self.sampling(stage), self.token_ids, stage=stage)
+            rollout = generate(self.policy, batch, self.tokenizer, self.sampling(stage), self.token_ids, stage=stage,
+                               shared_prompt=self.rollout_cfg.shared_prompt)
         rollout.tag = tag
         rollout.timings["generate"] = time.perf_counter() - start
         rollout.reward_names = [s.name for s in self.reward_specs]
@@ -262,7 +272,7 @@ class DAPOModule(LightningModule):
                 "max_completion_length": self.rollout_cfg.max_completion_length,
                 "soft_punish_cache": self.reward_cfg.soft_punish_cache,
             },
-            batch_std=self._global_std,
+            batch_std=self._global_std if stage == "train" else None,  # validation shards are uneven: no collectives
         )
         rollout.timings["score"] = time.perf_counter() - start
         hooks.call_hook(self.trainer, "on_rollout_scored", self, rollout)
@@ -292,14 +302,18 @@ class DAPOModule(LightningModule):
             for capture in captures:
                 stack.enter_context(capture)
             for rows in self.row_chunks(rollout.num_rows):
-                inputs = rollout.model_inputs(rows)
-                for capture in captures:
-                    if hasattr(capture, "before_forward"):
-                        capture.before_forward(rows, inputs)
+                if captures:  # captures see one full prompt + completion forward per chunk
+                    inputs = rollout.model_inputs(rows)
+                    for capture in captures:
+                        if hasattr(capture, "before_forward"):
+                            capture.before_forward(rows, inputs)
+                    logps = self._logps(inputs).logps
+                elif need_old:
+                    logps = self.completion_logps(rollout, rows).logps
                 if captures or need_old:
-                    old.append(_pad_right(self._logps(inputs).logps, T))
+                    old.append(_pad_right(logps, T))
                 if need_ref:
-                    ref.append(_pad_right(self._reference_logps(inputs), T))
+                    ref.append(_pad_right(self._reference_logps(rollout, rows), T))
         if need_old:
             rollout.old_logps = torch.cat(old)  # [N, T]
         if need_ref:
@@ -308,11 +322,25 @@ class DAPOModule(LightningModule):
     def _logps(self, inputs: dict[str, Tensor], with_entropy: bool = False):
         return completion_logps(self.policy, inputs, temperature=self.rollout_cfg.temperature, with_entropy=with_entropy)
 
-    def _reference_logps(self, inputs: dict[str, Tensor]) -> Tensor:
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether log-prob passes run each prompt once (gradient checkpointing recomputes layers: no shared cache)."""
+        return (self.rollout_cfg.shared_prompt and not self.policy_cfg.gradient_checkpointing
+                and supports_shared_prompt(self.policy))
+
+    def completion_logps(self, rollout: RolloutBatch, rows: list[int], *, with_entropy: bool = False, model=None):
+        """Log-probs of the completions of ``rows`` under ``model`` (the policy by default), [n, T']."""
+        model = self.policy if model is None else model
+        temperature = self.rollout_cfg.temperature
+        if self.shares_prompts:
+            return completion_logps_shared(model, rollout, rows, temperature=temperature, with_entropy=with_entropy)
+        return completion_logps(model, rollout.model_inputs(rows), temperature=temperature, with_entropy=with_entropy)
+
+    def _reference_logps(self, rollout: RolloutBatch, rows: list[int]) -> Tensor:
         if self._reference:
-            return completion_logps(self._reference[0], inputs, temperature=self.rollout_cfg.temperature).logps
+            return self.completion_logps(rollout, rows, model=self._reference[0]).logps
         with self.policy.disable_adapter():  # LoRA: the base model is the reference
-            return self._logps(inputs).logps
+            return self.completion_logps(rollout, rows).logps
 
     def update(self, rollout: RolloutBatch) -> dict[str, float]:
         """``num_iterations`` optimizer steps of the DAPO loss over the rollout, in micro-batches."""
@@ -320,6 +348,9 @@ class DAPOModule(LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         cfg = self.loss_cfg
         chunks = self.row_chunks(rollout.num_rows)
+        # DDP all-reduces every backward, so every process must make the same number of them even when its
+        # rollout has fewer rows (skipped bad rows): the missing micro-batches back-propagate a zero loss.
+        padding_chunks = int(self._global_max(torch.tensor(float(len(chunks)), device=self.device))) - len(chunks)
         scale = micro_batch_scale(cfg.loss_type, len(chunks))
         # SPEC 5: dapo divides by the step's valid tokens over all micro-batches and processes, per process.
         normalizer = self._global_sum(rollout.completion_mask.sum().float()) / self.trainer.world_size
@@ -327,8 +358,7 @@ class DAPOModule(LightningModule):
         tokens_seen = 0.0
         for iteration in range(self.optim_cfg.num_iterations):
             for rows in chunks:
-                inputs = rollout.model_inputs(rows)
-                lp = self._logps(inputs, with_entropy=iteration == 0)
+                lp = self.completion_logps(rollout, rows, with_entropy=iteration == 0)
                 width = lp.logps.shape[1]
                 idx = torch.tensor(rows, device=self.device)
                 old = rollout.old_logps[idx, :width] if rollout.old_logps is not None else lp.logps.detach()
@@ -357,6 +387,8 @@ class DAPOModule(LightningModule):
                     for key, value in out.metrics.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * n
                     totals["entropy"] = totals.get("entropy", 0.0) + float((lp.entropy * lp.mask).sum())
+            for _ in range(padding_chunks):
+                self.manual_backward(sum((p * 0).sum() for p in self.policy.parameters() if p.requires_grad))
             totals.setdefault("grad_norm", self._clip_gradients(optimizer))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -386,6 +418,12 @@ class DAPOModule(LightningModule):
         value = value.detach().clone()
         if self._distributed():
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def _global_max(self, value: Tensor) -> Tensor:
+        value = value.detach().clone()
+        if self._distributed():
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 
     def _global_std(self, rewards: Tensor) -> Tensor:
@@ -466,6 +504,8 @@ class DAPOModule(LightningModule):
     # --- validation -------------------------------------------------------------------------------------
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        if len(batch) == 0:  # every row of this batch was unusable and skipped
+            return
         rollout = self.make_rollout(batch, stage="val")
         self.val_accuracy.update(self.rollout_accuracy(rollout))
         self.val_reward.update(rollout.rewards)
@@ -477,10 +517,10 @@ class DAPOModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         accuracy = float(self.val_accuracy.compute())
         values = {"val/accuracy": accuracy, "val/reward_mean": float(self.val_reward.compute())}
-        for spec in self.reward_specs:
-            metric = self.val_rewards[self._metric_key(spec.name)]
-            if metric.update_count:
-                values[f"val/rewards/{spec.name}/mean"] = float(metric.compute())
+        for spec in self.reward_specs:  # every process computes every metric: compute() synchronises
+            value = float(self.val_rewards[self._metric_key(spec.name)].compute())
+            if not math.isnan(value):
+                values[f"val/rewards/{spec.name}/mean"] = value
         for metric in (self.val_accuracy, self.val_reward, *self.val_rewards.values()):
             metric.reset()
         if self.trainer.sanity_checking:

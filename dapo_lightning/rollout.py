@@ -6,6 +6,7 @@ tokens, T completion tokens, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def completion_mask_from_eos(completion_ids: Tensor, eos_ids: tuple[int, ...]) -
 
 
 @torch.no_grad()
-def generate(
+def generate_hf(
     model,
     prompts: PromptBatch,
     tokenizer,
@@ -74,7 +76,12 @@ def generate(
     *,
     stage: str = "train",
 ) -> RolloutBatch:
-    """Sample G completions for each prompt with ``model.generate`` (rows grouped by prompt)."""
+    """Sample G completions for each prompt with ``model.generate`` (rows grouped by prompt).
+
+    ``generate`` repeats each prompt G times before the prefill, so it encodes every
+    image and prefills every prompt G times; kept as the reference and as the path
+    for models without Qwen2.5-VL's cache layout (``model.rollout.shared_prompt: false``).
+    """
     P = prompts.input_ids.shape[1]
     inputs = {
         "input_ids": prompts.input_ids,
@@ -94,19 +101,131 @@ def generate(
         **sampling,
         num_return_sequences=settings.num_generations,
         max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens or None,
         eos_token_id=list(token_ids.eos),
         pad_token_id=token_ids.pad,
         suppress_tokens=list(token_ids.suppress) or None,
         use_cache=True,
     )  # [N, P + T]
     completion_ids = output[:, P:]  # [N, T]
-    if completion_ids.shape[1] == 0:  # nothing generated at all (max_new_tokens reached 0)
-        completion_ids = torch.full((output.shape[0], 1), token_ids.pad, dtype=output.dtype, device=output.device)
+    return _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, stage)
+
+
+def sample_next(logits: Tensor, settings: SamplingSettings, suppress: Tensor | None) -> Tensor:
+    """Next token per row from raw logits: suppression, then greedy, or temperature / top-k / top-p sampling.
+
+    The same processing order as ``transformers`` generation (suppress, temperature, top-k, top-p).
+    [n, V] -> [n]
+    """
+    logits = logits.float()
+    if suppress is not None and suppress.numel():
+        logits = logits.index_fill(-1, suppress, -math.inf)  # [n, V]
+    if settings.greedy:
+        return logits.argmax(-1)
+    logits = logits / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # [n, 1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)  # [n, V] ascending
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= 1 - settings.top_p
+        remove_sorted[:, -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, -math.inf)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_shared(
+    model,
+    prompts: PromptBatch,
+    tokenizer,
+    settings: SamplingSettings,
+    token_ids: TokenIds,
+    *,
+    stage: str = "train",
+) -> RolloutBatch:
+    """Sample G completions per prompt, encoding each image and prefilling each prompt once.
+
+    The prompt's key/value cache is computed for the B prompts, repeated G times, and
+    the N = B * G completions are decoded from it. Positions continue Qwen2.5-VL's
+    multimodal rotary positions explicitly: the next text position of a prompt is its
+    largest position + 1 (``get_rope_index``), whatever its left padding.
+    """
+    from transformers import DynamicCache
+
+    B, P = prompts.input_ids.shape
+    G = settings.num_generations
+    device = prompts.input_ids.device
+    dtype = next(model.parameters()).dtype
+    inputs = {
+        "input_ids": prompts.input_ids,
+        "attention_mask": prompts.attention_mask,
+        "pixel_values": prompts.pixel_values.to(dtype),
+        "image_grid_thw": prompts.image_grid_thw,
+    }
+    if prompts.mm_token_type_ids is not None:
+        inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
+    next_position = prompt_next_position(_base_model(model), prompts)  # [B]
+    cache = DynamicCache(config=_base_model(model).config)
+    out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(G)
+    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
+    attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # [N, P]
+    position = next_position.repeat_interleave(G)  # [N]
+    suppress = torch.tensor(token_ids.suppress, dtype=torch.long, device=device) if token_ids.suppress else None
+    eos = torch.tensor(token_ids.eos, device=device)
+    finished = torch.zeros(B * G, dtype=torch.bool, device=device)
+    steps = []
+    suppress_eos = torch.cat([suppress, eos]) if suppress is not None else eos
+    for t in range(settings.max_new_tokens):
+        token = sample_next(logits, settings, suppress_eos if t < settings.min_new_tokens else suppress)  # [N]
+        token = torch.where(finished, torch.full_like(token, token_ids.pad), token)
+        steps.append(token)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or t == settings.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # [N, P + t + 1]
+        position_ids = (position + t).view(1, -1, 1).expand(3, -1, 1)  # [3, N, 1]
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position_ids,
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]  # [N, V]
+    completion_ids = torch.stack(steps, dim=1)  # [N, T]
+    return _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, stage)
+
+
+def generate(
+    model,
+    prompts: PromptBatch,
+    tokenizer,
+    settings: SamplingSettings,
+    token_ids: TokenIds,
+    *,
+    stage: str = "train",
+    shared_prompt: bool = True,
+) -> RolloutBatch:
+    """G completions per prompt: prefilled once per prompt when the model allows it, else by ``model.generate``."""
+    if shared_prompt and supports_shared_prompt(model):
+        return generate_shared(model, prompts, tokenizer, settings, token_ids, stage=stage)
+    return generate_hf(model, prompts, tokenizer, settings, token_ids, stage=stage)
+
+
+def prompt_next_position(model, prompts: PromptBatch) -> Tensor:
+    """Qwen2.5-VL's rotary position of each prompt's first completion token (max prompt position + 1). [B]"""
+    if prompts.mm_token_type_ids is None:
+        return prompts.attention_mask.sum(-1)
+    _, deltas = model.model.get_rope_index(
+        prompts.input_ids, mm_token_type_ids=prompts.mm_token_type_ids, image_grid_thw=prompts.image_grid_thw,
+        attention_mask=prompts.attention_mask,
+    )  # deltas [B, 1] = max position + 1 - real length
+    return prompts.attention_mask.sum(-1) + deltas.view(-1).to(prompts.attention_mask.device)
+
+
+def _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, stage) -> RolloutBatch:
     mask, truncated = completion_mask_from_eos(completion_ids, token_ids.eos)
     completion_ids = completion_ids.masked_fill(mask == 0, token_ids.pad)
-    texts = tokenizer.batch_decode(
-        [row[m.bool()] for row, m in zip(completion_ids, mask)], skip_special_tokens=True
-    )
+    texts = tokenizer.batch_decode([row[m.bool()] for row, m in zip(completion_ids, mask)], skip_special_tokens=True)
     return RolloutBatch(
         prompts=prompts,
         num_generations=settings.num_generations,
@@ -162,3 +281,72 @@ def completion_logps(model, inputs: dict[str, Tensor], *, temperature: float = 1
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach())  # [n, T']
     return LogProbs(logps=logps, mask=mask, entropy=entropy)
+
+
+def completion_logps_shared(
+    model, rollout: RolloutBatch, rows: list[int], *, temperature: float = 1.0, with_entropy: bool = False
+) -> LogProbs:
+    """``completion_logps`` for ``rows``, running each prompt once and its completions from its repeated cache.
+
+    The prompt pass keeps its graph, so gradients reach every prompt token and the
+    vision tower through the cached keys and values, exactly as in the full forward;
+    a group split across calls simply runs its prompt in each. [n, T'] results.
+    """
+    from transformers import DynamicCache
+
+    G = rollout.num_generations
+    rows_t = torch.as_tensor(rows, dtype=torch.long, device=rollout.completion_ids.device)
+    groups = sorted(set((rows_t // G).tolist()))
+    prompts = rollout.prompts.select(groups)  # [b, P']
+    slot = torch.tensor([groups.index(int(g)) for g in (rows_t // G).tolist()], device=rows_t.device)  # [n]
+    dtype = next(model.parameters()).dtype
+    inputs = {
+        "input_ids": prompts.input_ids,
+        "attention_mask": prompts.attention_mask,
+        "pixel_values": prompts.pixel_values.to(dtype),
+        "image_grid_thw": prompts.image_grid_thw,
+    }
+    if prompts.mm_token_type_ids is not None:
+        inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
+    next_position = prompt_next_position(_base_model(model), prompts)  # [b]
+    cache = DynamicCache(config=_base_model(model).config)
+    first = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V] predicts token 0
+    cache.batch_select_indices(slot)  # [n, ...] differentiable gather of each row's prompt keys/values
+
+    completion_mask = rollout.completion_mask.index_select(0, rows_t)  # [n, T]
+    width = max(int(completion_mask.sum(-1).max().item()), 1)
+    completion_ids = rollout.completion_ids.index_select(0, rows_t)[:, :width]  # [n, T']
+    completion_mask = completion_mask[:, :width]
+    attention_mask = torch.cat(
+        [prompts.attention_mask.index_select(0, slot), completion_mask.to(prompts.attention_mask.dtype)], dim=1
+    )  # [n, P' + T']
+    positions = next_position.index_select(0, slot).unsqueeze(1) + torch.arange(width, device=rows_t.device)  # [n, T']
+    logits = first.index_select(0, slot).unsqueeze(1)  # [n, 1, V]
+    if width > 1:
+        rest = model(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, :-1].unsqueeze(0).expand(3, -1, -1),
+            cache=cache,
+            use_cache=True,
+        ).logits  # [n, T' - 1, V] position t predicts completion token t + 1
+        logits = torch.cat([logits, rest], dim=1)  # [n, T', V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = selective_log_softmax(logits, completion_ids)  # [n, T']
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach())
+    return LogProbs(logps=logps, mask=completion_mask, entropy=entropy)
+
+
+def _base_model(model):
+    """The ``transformers`` model under a peft wrapper (for its config and rotary-position helpers)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def supports_shared_prompt(model) -> bool:
+    """Qwen2-VL-family models expose the rotary-position helper the shared-prompt paths need."""
+    return hasattr(getattr(_base_model(model), "model", None), "get_rope_index")

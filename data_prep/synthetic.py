@@ -72,18 +72,27 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 
 def _render(rng: random.Random, size: int, colour: str, shape: str, count: int) -> bytes:
-    """A light-grey canvas with ``count`` copies of one shape in one colour, in distinct grid cells."""
+    """A light-grey canvas with ``count`` copies of one shape in one colour.
+
+    One shape is drawn large, near the centre (colour and shape questions); several
+    shapes go into distinct quadrants (count questions).
+    """
     image = Image.new("RGB", (size, size), (235, 235, 235))
     draw = ImageDraw.Draw(image)
-    cell = size // 2
-    margin = max(2, cell // 8)
-    cells = rng.sample(range(4), count)
-    for index in cells:
-        cx, cy = (index % 2) * cell, (index // 2) * cell
-        side = rng.randint(cell // 2, cell - 2 * margin)
-        x0 = cx + rng.randint(margin, cell - margin - side)
-        y0 = cy + rng.randint(margin, cell - margin - side)
-        _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
+    if count == 1:
+        side = rng.randint(size // 2, size * 7 // 8)
+        x0 = rng.randint(0, size - side)
+        y0 = rng.randint(0, size - side)
+        _draw_shape(draw, shape, (x0, y0, x0 + side - 1, y0 + side - 1), COLOURS[colour])
+    else:
+        cell = size // 2
+        margin = max(2, cell // 8)
+        for index in rng.sample(range(4), count):
+            cx, cy = (index % 2) * cell, (index // 2) * cell
+            side = rng.randint(cell // 2, cell - 2 * margin)
+            x0 = cx + rng.randint(margin, cell - margin - side)
+            y0 = cy + rng.randint(margin, cell - margin - side)
+            _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -140,3 +140,34 @@ def test_synthetic_file_is_built_when_missing(tmp_path, tiny_model_dir):
     assert target.exists()
     assert len(module.train_table) + len(module.eval_table) == 20
     assert all(p.startswith("What colour") for p in module.train_table["problem"])
+
+
+def test_training_batches_stay_full_by_refilling_skipped_rows(tmp_path, tiny_model_dir):
+    rows = [_row("A"), _row(image=b"junk"), _row("B"), _row(solution="Z"), _row("A"), _row("B")]
+    path = _write(tmp_path / "train.parquet", rows)
+    module = _module(path, tiny_model_dir, eval_path=str(path), batch_size=4, on_bad_row="skip")
+    collate = module.collator(module.source, refill_from=module.train_dataloader().dataset)
+    dataset = collate.refill_from
+    batch = collate([dataset[i] for i in range(4)])  # rows 1 and 3 are unusable
+    assert len(batch) == 4 and batch.num_skipped == 2
+    assert batch.index == [0, 2, 4, 5]  # the next usable rows took their places
+    again = collate([dataset[i] for i in (3, 1, 0, 2)])  # known-bad rows are not retried as replacements
+    assert again.index == [0, 2, 4, 5] and again.num_skipped == 2
+
+
+def test_a_validation_batch_of_only_bad_rows_is_empty(tmp_path, tiny_model_dir):
+    path = _write(tmp_path / "allbad.parquet", [_row(image=b"junk"), _row(solution="Q")])
+    module = _module(path, tiny_model_dir, eval_path=str(path), batch_size=2, on_bad_row="skip")
+    batch = next(iter(module.val_dataloader()))
+    assert len(batch) == 0 and batch.num_skipped == 2
+
+
+def test_too_long_prompts_are_skipped_and_refilled(synthetic_parquet, tiny_model_dir, processor):
+    module = _module(synthetic_parquet, tiny_model_dir, max_prompt_length=10_000, on_bad_row="skip", batch_size=2)
+    collate = module.collator(module.source, refill_from=module.train_dataloader().dataset)
+    dataset = collate.refill_from
+    lengths = [len(collate([dataset[i]]).input_ids[0]) for i in range(6)]
+    collate.max_prompt_length = min(lengths)  # only the shortest prompts fit
+    batch = collate([dataset[i] for i in range(2)])
+    assert all(int(n) <= min(lengths) for n in batch.attention_mask.sum(-1))
+    assert len(batch) == 2

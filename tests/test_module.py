@@ -259,3 +259,49 @@ def test_configuration_errors_name_the_key(tiny_model_dir):
         RolloutConfig(num_generations=1)
     with pytest.raises(ValueError, match="model.optim.warmup_ratio"):
         OptimConfig(warmup_ratio=1.5)
+
+
+class LearningRates(Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_rollout_update_end(self, trainer, module, rollout, metrics):
+        self.values.append(module.optimizers().param_groups[0]["lr"])
+
+
+def test_warmup_then_cosine_schedule_over_optimizer_steps(tmp_path, tiny_model_dir, synthetic_parquet):
+    lrs = LearningRates()
+    module = make_module(tiny_model_dir, optim=OptimConfig(learning_rate=1e-3, warmup_ratio=0.25, lr_scheduler="cosine"))
+    fit(tmp_path, module, synthetic_parquet, tiny_model_dir, steps=8, callbacks=[lrs])
+    # 8 steps, 2 warm-up steps: after optimizer step s the rate is lr * f(s) with
+    # f(1) = 2/3 (warm-up (s+1)/(w+1)); then f(s) = (1 + cos(pi * (s - 2) / 6)) / 2 for s = 2..8
+    expected = [1e-3 * 2 / 3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(2, 9)]
+    assert lrs.values == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir, synthetic_parquet):
+    capture = GradientCapture()
+    policy = PolicyConfig(model_name_or_path=str(tiny_model_dir), gradient_checkpointing=True)
+    module = make_module(tiny_model_dir, rewards=("tests.test_module.text_length",), policy=policy)
+    fit(tmp_path, module, synthetic_parquet, tiny_model_dir, steps=1, callbacks=[capture])
+    assert module.policy.is_gradient_checkpointing
+    assert sum(float(g.abs().sum()) for g in capture.grads.values()) > 0
+
+
+def test_processes_with_fewer_micro_batches_back_propagate_zeros(tmp_path, tiny_model_dir, synthetic_parquet,
+                                                                 monkeypatch):
+    """Under DDP every process must call backward equally often; the padding backward adds exactly zero."""
+    grads = []
+    for extra in (0, 2):
+        capture = GradientCapture()
+        module = make_module(tiny_model_dir, rewards=("tests.test_module.text_length",),
+                             optim=OptimConfig(learning_rate=1e-2, micro_batch_size=4))
+        calls = []
+        original = module.manual_backward
+        monkeypatch.setattr(module, "manual_backward", lambda loss: (calls.append(1), original(loss)))
+        monkeypatch.setattr(module, "_global_max", lambda value: value + extra)  # as if another rank had more
+        fit(tmp_path / str(extra), module, synthetic_parquet, tiny_model_dir, steps=1, callbacks=[capture])
+        assert len(calls) == 2 + extra  # 8 rows in micro-batches of 4, plus the padding
+        grads.append(capture.grads)
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name

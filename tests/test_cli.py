@@ -1,0 +1,126 @@
+"""The command line end to end, in subprocesses: the demo config, TensorBoard scalars, export, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "dapo_lightning.cli"]
+
+# Scalars the issue names as the minimum a run logs.
+REQUIRED_SCALARS = [
+    "train/loss", "train/reward_mean", "train/reward_std", "train/accuracy", "train/rewards/accuracy/mean",
+    "train/frac_reward_zero_std", "train/completion_length/mean", "train/completion_length/max",
+    "train/completion_length/clipped_ratio", "train/clip_ratio/low_mean", "train/clip_ratio/high_mean",
+    "train/entropy", "train/learning_rate", "train/completion_tokens_per_second", "val/accuracy", "val/reward_mean",
+]
+
+
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(CLI + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def demo_overrides(tmp_path: Path, steps: int = 3) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--model.policy.model_name_or_path={tmp_path / 'model'}", f"--data.train_path={tmp_path / 'data.parquet'}",
+        "--data.eval_limit=4", "--data.batch_size=2", "--trainer.enable_progress_bar=false",
+    ]
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run_dir.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {run_dir}"
+    accumulator = EventAccumulator(str(events[-1]))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_demo_config_trains_logs_and_exports(tmp_path):
+    result = run_cli(demo_overrides(tmp_path), tmp_path)
+    output = result.stdout + result.stderr
+    # the offline model and data were built on first use, then the run evaluated before and after training
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "data.parquet").exists()
+    assert "[eval] before training: accuracy" in output and "[eval] step 3: accuracy" in output
+    tags = scalar_tags(tmp_path / "run")
+    missing = [t for t in REQUIRED_SCALARS if t not in tags]
+    assert not missing, f"missing scalars {missing}; logged: {sorted(tags)}"
+    from dapo_lightning.models import load_policy, load_processor
+
+    final = tmp_path / "run" / "final"
+    assert load_policy(str(final)).config.text_config.num_hidden_layers == 2
+    assert load_processor(str(final)).tokenizer.padding_side == "left"
+
+
+def _parquet_with_bad_images(path: Path, rows: int = 40) -> Path:
+    """Synthetic questions where every third image is unreadable bytes."""
+    from datasets import Dataset
+
+    from data_prep.synthetic import SyntheticConfig, generate_rows
+    from dapo_lightning.ddm import ddm_features
+
+    data = generate_rows(SyntheticConfig(rows=rows, seed=5, image_size=56, question_types=("colour",)))
+    for i, row in enumerate(data):
+        if i % 3 == 0:
+            row["image"] = {"bytes": b"not an image", "path": None}
+    Dataset.from_list(data, features=ddm_features()).to_parquet(str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_on_cpu(tmp_path):
+    """Per-rank prompts, rank-zero files, and full batches on every rank when rows are skipped."""
+    ranks = tmp_path / "ranks"
+    data = _parquet_with_bad_images(tmp_path / "bad.parquet")
+    args = demo_overrides(tmp_path, steps=3) + [
+        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.num_sanity_val_steps=0",
+        f"--data.train_path={data}", "--data.on_bad_row=skip", "--data.batch_size=3",
+        "--model.optim.micro_batch_size=8",  # one prompt (8 completions) per micro-batch
+        "--trainer.callbacks+=tests.rank_recorder.RankRecorder", f"--trainer.callbacks.folder={ranks}",
+    ]
+    run_cli(args, tmp_path, timeout=400)
+    records = [json.loads((ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert [r["global_step"] for r in records] == [3, 3]
+    # each process trained on its own prompts (a skipped row's replacement may come from anywhere),
+    # and every batch was refilled to 3 prompts on both ranks
+    rows = [set(r["rows"]) for r in records]
+    skipped = sum(r["skipped"] for r in records)
+    assert skipped > 0
+    assert len(rows[0] & rows[1]) <= skipped
+    assert [r["prompts_per_step"] for r in records] == [[3, 3, 3], [3, 3, 3]]
+    tags = scalar_tags(tmp_path / "run")
+    assert "train/loss" in tags and "train/skipped_rows" in tags
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists() and not (tmp_path / "run" / "final-1").exists()
+
+
+def test_print_config_explains_every_key(tmp_path):
+    result = run_cli(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--print_config"], tmp_path)
+    assert "    num_generations: 8\n    max_completion_length: 2\n" in result.stdout
+    help_text = run_cli(["fit", "--help"], tmp_path).stdout
+    assert "Completions per prompt (G); one group per prompt." in help_text
+
+
+def test_bad_reward_weights_fail_before_loading_anything(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        CLI + ["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.rewards.reward_weights=[1.0, 2.0]",
+               f"--trainer.default_root_dir={tmp_path}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "model.rewards.reward_weights: has 2 weights but model.rewards.reward_funcs has 1" in result.stderr
+    assert not (tmp_path / "final").exists()
