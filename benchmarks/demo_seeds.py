@@ -25,6 +25,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -70,39 +71,56 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
         command.append(f"--data.train_path={args.data}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    log_path = run_dir / "fit.log"
+    done = args.reuse and log_path.exists() and f"max_steps={args.steps}` reached" in log_path.read_text()
     start = time.time()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "fit.log", "w") as log:
-        code = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if not done:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        with open(log_path, "w") as log:
+            code = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise RuntimeError(f"{variant} seed {seed} failed (exit {code}); see {log_path}")
     seconds = time.time() - start
-    if code != 0:
-        raise RuntimeError(f"{variant} seed {seed} failed (exit {code}); see {run_dir / 'fit.log'}")
     accuracy = read_scalars(run_dir, "val/accuracy")  # logged at global steps eval_every-1, 2*eval_every-1, ...
-    zero_std = read_scalars(run_dir, "train/frac_reward_zero_std")
     reached = next((step + 1 for step, value in accuracy if value >= args.threshold), None)
     final = accuracy[-1][1] if accuracy else float("nan")
-    tail = [v for _, v in zero_std[-50:]]
     return {
         "variant": variant,
         "seed": seed,
         "final_accuracy": final,
         "first_step_at_threshold": reached,
         "learned": final >= args.threshold,
-        "frac_reward_zero_std_last50": sum(tail) / len(tail) if tail else float("nan"),
-        "seconds": round(seconds, 1),
+        "no_signal_last50": no_signal_fraction(run_dir),
+        "seconds": None if done else round(seconds, 1),
     }
+
+
+def no_signal_fraction(run_dir: Path, last: int = 50) -> float:
+    """Share of freshly generated groups whose rewards did not vary, over the last steps.
+
+    Without dynamic sampling that is ``train/frac_reward_zero_std``; with it, that metric describes the
+    filtered batch (so it is about 0), and the fresh groups are counted by the callback's logs.
+    """
+    generated = [v for _, v in read_scalars(run_dir, "train/dynamic_sampling/generated_groups")[-last:]]
+    if generated:
+        filtered = [v for _, v in read_scalars(run_dir, "train/dynamic_sampling/filtered_groups")[-last:]]
+        return sum(filtered) / sum(generated)
+    tail = [v for _, v in read_scalars(run_dir, "train/frac_reward_zero_std")[-last:]]
+    return sum(tail) / len(tail) if tail else float("nan")
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"| variant | seed | final greedy accuracy | first step >= {args.threshold} "
-        "| frac_reward_zero_std (last 50 steps) |",
+        "| generated groups without signal (last 50 steps) |",
         "|---|---|---|---|---|",
     ]
     for r in results:
         step = r["first_step_at_threshold"] if r["first_step_at_threshold"] is not None else "never"
         lines.append(f"| {r['variant']} | {r['seed']} | {r['final_accuracy']:.3f} | {step} | "
-                     f"{r['frac_reward_zero_std_last50']:.2f} |")
+                     f"{r['no_signal_last50']:.2f} |")
     lines.append("")
     lines.append("| variant | seeds learned (final accuracy >= %g) |" % args.threshold)
     lines.append("|---|---|")
@@ -122,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=0.8, help="accuracy that counts as learned")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "demo_seeds"))
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs under --out, train only the others")
     parser.add_argument("--model", default=None, help="another folder for the demo's model (default: the demo's)")
     parser.add_argument("--data", default=None, help="another parquet for the demo's data (default: the demo's)")
     return parser
