@@ -165,3 +165,32 @@ def test_the_cli_refuses_a_checkpoint_of_another_experiment(straight_and_resumed
     with pytest.raises(ValueError, match=r"model\.rollout\.num_generations: checkpoint .* was trained with 4, "
                                          r"this configuration has 2"):
         main(["fit", "--config", str(config), "--ckpt_path", str(split_dir / "ckpt" / "epoch=0-step=2.ckpt")])
+
+
+def test_fit_ckpt_path_last_through_the_cli(tmp_path, tiny_model_dir, synthetic_parquet):
+    """The documented command: ``dapo-lightning fit --config ... --ckpt_path last``."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "max_steps": 4, "default_root_dir": str(tmp_path / "run"), "log_every_n_steps": 1,
+            "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "callbacks.RewardWeightWarmup", "init_args": {"early_reward_weights": [2.0, 0.5]}},
+                {"class_path": "callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 3}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2, "save_last": True}},
+            ],
+        },
+        "model": {"policy": {"model_name_or_path": str(tiny_model_dir)},
+                  "rollout": {"num_generations": 4, "max_completion_length": 3},
+                  "rewards": {"reward_funcs": list(REWARDS)}, "export_final": False},
+        "data": {"train_path": str(synthetic_parquet), "batch_size": 2, "system_prompt": None},
+    }))
+    main(["fit", "--config", str(config), "--trainer.max_steps=2"])
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4
+    buffer = next(v for k, v in resumed["callbacks"].items() if k.startswith("ReplayBuffer"))
+    assert buffer["per_rank"][0]["counter"] > 0  # the buffer went on filling after the resume
