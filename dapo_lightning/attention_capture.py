@@ -5,14 +5,16 @@ for every layer and head (O(L·H·T·(P+T)) memory per row), forces eager attent
 during generation and ties the metrics to one generator. Instead, while
 :class:`AttentionCapture` is active, each decoder layer that is needed runs its normal
 attention kernel (sdpa, flash, eager: whatever the policy was loaded with) for its
-output and, beside it, recomputes softmax(QKᵀ·scale + causal/padding mask) for the
-generation-row queries only (all keys, so the normalisation is exact), in chunks of
-at most ``chunk_elements`` scores. Each chunk is reduced at once to three numbers per
-row and head (mass on the kept prompt keys, on text keys, on vision keys) and
-discarded, so the extra memory is one chunk plus the kept statistics, L·N·(T-1)·2
-floats. The queries and keys are the kernel's own inputs (after rotary embedding),
-read through a kernel registered in transformers' ``AttentionInterface``: nothing of
-the attention module is re-implemented.
+output and, beside it, computes for the generation-row queries only the attention
+mass on three key sets: kept prompt keys (not padding, not the sink), text keys and
+vision keys. Mass on a set is Σ_j softmax(q·K^T·scale + mask)_j · 1[j in set], which is
+exactly scaled-dot-product attention with the set indicators as value vectors, so
+torch's fused kernel computes it (all keys, causal and padding mask, so the softmax is
+exact) without storing the attention matrix; queries are taken in chunks of at most
+``chunk_elements`` scores, which bounds the memory of a non-fused fallback too. In all
+only L·N·(T-1)·2 floats are kept. The queries and keys are the kernel's own inputs
+(after rotary embedding), read through a kernel registered in transformers'
+``AttentionInterface``: nothing of the attention module is re-implemented.
 
 How the kernel is swapped for one module only: the module's ``config`` is replaced,
 for the duration of the context, by a view that names the capture kernel as its
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import scaled_dot_product_attention
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from dapo_lightning.attention import (
@@ -114,7 +117,7 @@ class _Chunk:
     prompt_width: int  # P'
     num_generation_rows: int  # R' = T' - 1
     key_valid: Tensor  # [n, S] bool
-    reducer: Tensor  # [n, P', 3] float32 columns: kept prompt key (not padding, not the sink), text key, vision key
+    indicators: Tensor  # [n, P', 3] float32 columns: kept prompt key (not padding, not the sink), text, vision
     row_exists: Tensor  # [n, R'] bool
 
 
@@ -214,7 +217,7 @@ class AttentionCapture:
         sink = first_real_position(attention_mask[:, :P])  # [n]
         kept = attention_mask[:, :P].bool().clone()  # [n, P]
         kept[torch.arange(len(rows_t), device=kept.device), sink] = False  # SPEC 3: the sink column is zeroed
-        reducer = torch.stack([kept, masks.text & kept, masks.vision & kept], dim=-1).float()  # [n, P, 3]
+        indicators = torch.stack([kept, masks.text & kept, masks.vision & kept], dim=-1).float()  # [n, P, 3]
         row_exists = generation_rows(inputs["completion_mask"]).to(device)  # [n, T - 1]
         R = row_exists.shape[1]
         self.rows[rows_t, :R] = row_exists
@@ -226,7 +229,7 @@ class AttentionCapture:
             prompt_width=P,
             num_generation_rows=R,
             key_valid=attention_mask.bool(),
-            reducer=reducer,
+            indicators=indicators,
             row_exists=row_exists,
         )
 
@@ -247,23 +250,27 @@ class AttentionCapture:
         heads_per_chunk = max(1, min(H, self.chunk_elements // max(n * rows_per_chunk * S, 1)))
         columns = torch.arange(S, device=query.device)  # [S]
         key_valid = chunk.key_valid.to(query.device)[:, None, None, :]  # [n, 1, 1, S]
-        reducer = chunk.reducer.to(query.device)[:, None]  # [n, 1, P, 3]
+        # Value vectors = key-set indicators, padded to the head size (the fused kernels want equal sizes): the
+        # attention output of a query is then its attention mass on each set, and no [r, S] matrix is stored.
+        values = torch.zeros(n, 1, S, max(d, 3), device=query.device)  # [n, 1, S, d]
+        values[:, 0, :P, :3] = chunk.indicators.to(query.device)
         for h0 in range(0, H, heads_per_chunk):
             heads = torch.arange(h0, min(h0 + heads_per_chunk, H), device=query.device)
             keys = key.index_select(1, heads // groups).float()  # [n, h, S, d]
             for r0 in range(0, R, rows_per_chunk):
                 r1 = min(r0 + rows_per_chunk, R)
                 positions = torch.arange(P + r0, P + r1, device=query.device)  # [r] query columns
-                q = query[:, h0 : h0 + len(heads), P + r0 : P + r1].float()  # [n, h, r, d]
-                scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)  # [n, h, r, S]
                 allowed = columns[None, :] <= positions[:, None]  # [r, S] causal
                 if sliding_window is not None:
                     allowed = allowed & (columns[None, :] > positions[:, None] - sliding_window)
-                scores.masked_fill_(~(allowed[None, None] & key_valid), float("-inf"))
-                probs = torch.softmax(scores, dim=-1)  # [n, h, r, S]
-                del scores
-                mass = torch.matmul(probs[..., :P], reducer)  # [n, h, r, 3]: kept, text, vision
-                del probs
+                q = query[:, h0 : h0 + len(heads), P + r0 : P + r1].float()  # [n, h, r, d]
+                mass = scaled_dot_product_attention(
+                    q,
+                    keys,
+                    values.expand(n, len(heads), S, values.shape[-1]),
+                    attn_mask=allowed[None, None] & key_valid,
+                    scale=scale,
+                )[..., :3]  # [n, h, r, 3]: softmax(q k^T) summed over kept prompt keys, text keys, vision keys
                 if self.variant == "original":
                     sums[:, r0:r1] += mass.sum(1)
                 else:  # per-head shares within T ∪ V

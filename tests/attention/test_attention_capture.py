@@ -194,21 +194,24 @@ def test_the_fast_kernel_still_runs_and_untouched_layers_are_not_computed(policy
 
 
 def test_scores_are_computed_in_bounded_chunks(policy, processor, rollout, monkeypatch):
+    import dapo_lightning.attention_capture as capture_module
+
     special = SpecialTokens.from_tokenizer(processor.tokenizer)
     sizes = []
-    softmax = torch.softmax
+    fused = capture_module.scaled_dot_product_attention
 
-    def spy(x, *args, **kwargs):
-        sizes.append(x.numel())
-        return softmax(x, *args, **kwargs)
+    def spy(q, k, v, **kwargs):
+        sizes.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])  # scores of this chunk: n * h * r * S
+        return fused(q, k, v, **kwargs)
 
-    monkeypatch.setattr(torch, "softmax", spy)
+    monkeypatch.setattr(capture_module, "scaled_dot_product_attention", spy)
     got = capture(policy.eval(), special, rollout, chunks=[CHUNKS[0]], chunk_elements=300)
     inputs = rollout.model_inputs(CHUNKS[0])
     n, S = inputs["input_ids"].shape
-    # each chunk holds at most max(budget, one query row of every row) scores; never a full [n, H, T, S] slice
-    assert sizes and max(sizes) <= max(300, n * S)
-    assert len(sizes) >= 2 * 4  # per layer: 4 heads, each in one or more query-row chunks
+    R = inputs["completion_ids"].shape[1] - 1
+    # each chunk covers at most max(budget, one query row of every row) scores, never a whole [n, H, R, S] slice
+    assert sizes and max(sizes) <= max(300, n * S) < n * 4 * R * S
+    assert sum(sizes) == 2 * n * 4 * R * S  # together: every head and generation row of both layers, once
     # what is kept: two floats per layer, row and generation row
     assert got.text.shape == got.vision.shape == (2, rollout.num_rows, rollout.completion_ids.shape[1] - 1)
 
