@@ -66,6 +66,7 @@ class AttentionMetrics(Callback):
         self.forced_by: list[str] = []  # what needs a capture on every rollout
         self.train_rollouts = 0  # training rollouts seen (checkpointed, so every_n_steps survives a resume)
         self._pending: tuple[Any, AttentionCapture] | None = None
+        self._val_totals: torch.Tensor | None = None
         self._special: SpecialTokens | None = None
 
     # --- set-up ----------------------------------------------------------------------------------
@@ -139,35 +140,61 @@ class AttentionMetrics(Callback):
         self._log(trainer, pl_module, rollout.stage, report)
 
     # --- logging ---------------------------------------------------------------------------------
+    # Each logged value is a sum over usable rows and a row count (or, for skips, a count alone), reduced over
+    # processes in one gather. Training logs every step (every process runs every step); validation accumulates
+    # over the epoch and reduces once at its end, since processes may see different numbers of batches.
 
-    def _log(self, trainer, pl_module, stage: str, report) -> None:
+    @staticmethod
+    def metric_names(stage: str) -> list[str]:
+        names = [f"{stage}/attention/{segment}/{metric}" for segment in SEGMENTS for metric in LOGGED_METRICS]
+        return names + [f"{stage}/attention/skipped/{reason}" for reason in SKIP_REASONS]
+
+    @staticmethod
+    def sums_and_counts(report) -> torch.Tensor:
+        """[2, M] float64 in the order of ``metric_names``: sums over usable finite rows and their counts
+        (for skip reasons: the number of rows and -1)."""
         usable = report.usable  # [N]
-        keys, sums, counts = [], [], []
+        sums, counts = [], []
         for segment in SEGMENTS:
-            if len(report.segment_layers[segment]) == 0:
-                continue  # fewer than 3 layers: early and middle are empty
-            metrics = report.segments[segment]
             for name in LOGGED_METRICS:
-                values = getattr(metrics, name).cpu()  # [N]
+                values = getattr(report.segments[segment], name).cpu()  # [N]; NaN for an empty segment
                 keep = usable & torch.isfinite(values)
-                keys.append(f"{stage}/attention/{segment}/{name}")
                 sums.append(float(values[keep].sum()) if keep.any() else 0.0)
                 counts.append(float(keep.sum()))
         skipped = report.skip_counts()
         for reason in SKIP_REASONS:
-            keys.append(f"{stage}/attention/skipped/{reason}")
             sums.append(float(skipped[reason]))
-            counts.append(-1.0)  # a count, summed over processes, not averaged
-        sums_t, counts_t = torch.tensor(sums, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+            counts.append(-1.0)
+        return torch.tensor([sums, counts], dtype=torch.float64)
+
+    def _log(self, trainer, pl_module, stage: str, report) -> None:
+        totals = self.sums_and_counts(report)  # [2, M]
+        if stage == "train":
+            self._emit(trainer, pl_module, stage, totals, on_step=True)
+        else:
+            self._val_totals = totals if self._val_totals is None else self._val_totals + totals
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val_totals = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not (self.on_validation or self.forced):
+            return
+        totals = self._val_totals if self._val_totals is not None else torch.zeros(2, len(self.metric_names("val")))
+        if self._val_totals is None:
+            totals[1, -len(SKIP_REASONS) :] = -1.0
+        self._val_totals = None
+        self._emit(trainer, pl_module, "val", totals, on_step=False)
+
+    def _emit(self, trainer, pl_module, stage: str, totals: torch.Tensor, *, on_step: bool) -> None:
         if trainer.world_size > 1:  # one gather for every value: exact means over all processes' rows
-            gathered = pl_module.all_gather(torch.stack([sums_t, counts_t]).to(pl_module.device)).cpu()  # [W, 2, M]
-            sums_t, counts_t = gathered[:, 0].sum(0), torch.where(counts_t < 0, counts_t, gathered[:, 1].sum(0))
-        train = stage == "train"
-        for key, total, count in zip(keys, sums_t.tolist(), counts_t.tolist(), strict=True):
-            if count < 0:
-                pl_module.log(key, total, on_step=train, on_epoch=not train, reduce_fx="sum", batch_size=1)
-            elif count > 0:
-                pl_module.log(key, total / count, on_step=train, on_epoch=not train, batch_size=int(count))
+            gathered = pl_module.all_gather(totals.to(pl_module.device)).cpu()  # [W, 2, M]
+            totals = torch.stack([gathered[:, 0].sum(0), torch.where(totals[1] < 0, totals[1], gathered[:, 1].sum(0))])
+        for key, total, count in zip(self.metric_names(stage), *totals.tolist(), strict=True):
+            if count < 0:  # a count of rows
+                pl_module.log(key, total, on_step=on_step, on_epoch=not on_step, batch_size=1)
+            elif count > 0:  # a mean over rows (segments without layers have none)
+                pl_module.log(key, total / count, on_step=on_step, on_epoch=not on_step, batch_size=1)
 
     # --- checkpointing ---------------------------------------------------------------------------
 

@@ -122,6 +122,11 @@ def test_metrics_reach_the_reward_and_tensorboard_for_train_and_val(tmp_path, ti
         values = report.segments["late"].vgr[report.usable]
         assert logged["train/attention/late/vgr"][k] == pytest.approx(float(values.mean()), rel=1e-6)
         assert logged["train/attention/skipped/no_generation_rows"][k] == report.skip_counts()["no_generation_rows"]
+    # validation: one value for the epoch, over all its rows
+    (val,) = [s["extras"]["attention"] for s in probe.seen if s["stage"] == "val"]
+    assert logged["val/attention/all/aei_vision"] == [
+        pytest.approx(float(val.segments["all"].aei_vision[val.usable].mean()), rel=1e-6)
+    ]
 
 
 class CaptureCounter(Callback):
@@ -264,3 +269,28 @@ def test_token_weight_arguments_are_checked():
     assert math.isclose(
         sum(TokenWeights(variant="vision_share").weights(_hand_rollout([False, False]))[0].tolist()), 1.0, rel_tol=1e-6
     )
+
+
+def test_logged_values_are_reduced_over_processes_in_one_gather():
+    from types import SimpleNamespace
+
+    metrics = AttentionMetrics()
+    names = metrics.metric_names("train")
+    mine, theirs = torch.zeros(2, len(names), dtype=torch.float64), torch.zeros(2, len(names), dtype=torch.float64)
+    vgr, skips = names.index("train/attention/late/vgr"), names.index("train/attention/skipped/no_vision_tokens")
+    mine[:, vgr], theirs[:, vgr] = torch.tensor([3.0, 2.0]), torch.tensor([6.0, 4.0])  # sums over 2 and 4 rows
+    mine[:, skips], theirs[:, skips] = torch.tensor([1.0, -1.0]), torch.tensor([2.0, -1.0])  # skipped rows
+    logged, gathers = {}, []
+
+    def all_gather(tensor):
+        gathers.append(tensor.shape)
+        return torch.stack([tensor, theirs])  # [W, 2, M]
+
+    module = SimpleNamespace(
+        device="cpu", all_gather=all_gather, log=lambda key, value, **kw: logged.update({key: value})
+    )
+    metrics._emit(SimpleNamespace(world_size=2), module, "train", mine, on_step=True)
+    assert gathers == [(2, len(names))]  # one collective for every value
+    assert logged["train/attention/late/vgr"] == (3.0 + 6.0) / (2 + 4)  # the mean over all processes' rows
+    assert logged["train/attention/skipped/no_vision_tokens"] == 3.0
+    assert "train/attention/early/vgr" not in logged  # no rows: nothing logged
