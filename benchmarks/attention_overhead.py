@@ -34,6 +34,7 @@ where the original keeps every decode step's attention.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -250,7 +251,34 @@ def _child(args) -> None:
         "markdown_seconds_per_step": None if original else markdown.seconds / on_steps,
         "prompt_tokens": int(meter.rollout.prompts.attention_mask.sum(-1).max()),
     }
+    if not original and not args.memory:
+        result["teacher_forced_cpu"] = _teacher_forced_cpu_seconds(module, meter.rollout, repeats=3)
     Path(args.json).write_text(json.dumps(result))
+
+
+def _teacher_forced_cpu_seconds(module, rollout, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of the module's teacher-forced forward over ``rollout``, without and with the capture."""
+    import torch
+
+    from dapo_lightning.attention import SpecialTokens
+    from dapo_lightning.attention_capture import AttentionCapture
+    from dapo_lightning.rollout import completion_logps
+
+    special = SpecialTokens.from_tokenizer(module.tokenizer)
+    policy = module.policy.eval()
+    times: dict[str, list[float]] = {"plain": [], "capture": []}
+    for _ in range(repeats):
+        for kind in times:
+            capture = AttentionCapture(policy, special, rollout.num_rows, rollout.completion_ids.shape[1])
+            start = time.process_time()
+            with torch.no_grad(), capture if kind == "capture" else contextlib.nullcontext():
+                for rows in module.row_chunks(rollout.num_rows):
+                    inputs = rollout.model_inputs(rows)
+                    if kind == "capture":
+                        capture.before_forward(rows, inputs)
+                    completion_logps(policy, inputs)
+            times[kind].append(time.process_time() - start)
+    return {kind: statistics.median(values) for kind, values in times.items()}
 
 
 # --- the parent: runs the children side by side and prints the table ----------------------------------
@@ -273,7 +301,9 @@ def _run_child(child: str, args, model: Path, data: Path, *, memory: bool) -> di
         if memory:
             env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
         command = [sys.executable, __file__, "--child", child, "--json", str(out), "--model", str(model)]
-        command += ["--data", str(data), "--steps", str(args.steps if not memory else 1)]
+        command += ["--data", str(data), "--steps", str(args.steps if not memory else 1)] + (
+            ["--memory"] if memory else []
+        )
         for flag in ("batch_size", "num_generations", "completion_length", "micro_batch_size"):
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -292,7 +322,7 @@ def _phase(steps: list[dict], phase: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (default 3)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per step, B (default 1)")
     parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt, G (default 8)")
     parser.add_argument("--completion-length", type=int, default=256, help="tokens per completion, T (default 256)")
@@ -302,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
@@ -372,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     share = 100 * markdown / row["on"]["time"]
     print(f"Markdown log (on steps): {1000 * markdown:.1f} ms per step = {share:.2f}% of a step")
+    tf = results[("ours", False)]["teacher_forced_cpu"]
+    alone = tf["capture"] - tf["plain"]
+    print(
+        f"teacher-forced pass over the rollout, CPU s: {tf['plain']:.3f} plain, {tf['capture']:.3f} with the capture "
+        f"(the capture alone {alone:+.3f} s = {100 * alone / row['off']['cpu']:+.1f}% of an off step)"
+    )
     print(f"total run time {time.perf_counter() - started:.0f} s")
     return 0
 
