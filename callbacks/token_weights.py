@@ -50,7 +50,8 @@ class TokenWeights(Callback):
         Args:
             variant: ``inverse_vgr`` (inverse per-token VGR, the original code) or ``vision_share`` (the paper).
             smooth_sigma: Gaussian smoothing along the completion (0: none); kernel half-width max(1, int(3 sigma)).
-            clip: Clamp of the mean-normalised weights, (low, high); None: no clamp. ``inverse_vgr`` only.
+            clip: Clamp of the mean-normalised weights, (low, high); None: no clamp. ``inverse_vgr`` only
+                (``vision_share`` leaves the default unused and refuses another value).
             topk_ratio: Reweight only each completion's top fraction of tokens by weight, the rest get 1
                 (None: every token, as the original's loss did). ``inverse_vgr`` only.
             histogram_every_n_steps: Log a TensorBoard histogram of the weights every n training rollouts (0: never).
