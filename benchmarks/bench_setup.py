@@ -97,31 +97,44 @@ def _build_small(out: Path, image_side: int) -> None:
         processor.save_pretrained(out)
 
 
-def _build_3b(out: Path, image_side: int, dtype: str) -> None:
-    """A seeded random Qwen2.5-VL with Qwen2.5-VL-3B's architecture and the offline tokenizer (written in ``dtype``)."""
-    import torch
-    from data_prep.tiny_model import CHAT_TEMPLATE, SIZES, build_image_processor, build_tokenizer
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def qwen25_vl_3b_config(tokenizer):
+    """Qwen2.5-VL-3B's architecture with the offline tokenizer's special-token ids (the vocabulary stays 151936)."""
+    from transformers import Qwen2_5_VLConfig
 
-    from dapo_lightning.models import ImageOnlyQwenVLProcessor, resolve_dtype
-
-    tokenizer = build_tokenizer(system_prompt_words=True)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
         ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("start", "<|vision_start|>"),
         ("end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>")]}
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config={**QWEN25_VL_3B_TEXT, "bos_token_id": ids["pad"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]},
         vision_config=QWEN25_VL_3B_VISION,
         image_token_id=ids["image"], video_token_id=ids["video"],
         vision_start_token_id=ids["start"], vision_end_token_id=ids["end"],
         tie_word_embeddings=True,
     )
+
+
+def _build_3b(out: Path, image_side: int, dtype: str) -> None:
+    """A seeded random Qwen2.5-VL with Qwen2.5-VL-3B's architecture and the offline tokenizer (written in ``dtype``).
+
+    The sampled ids are mostly outside the small tokenizer's vocabulary (they decode to
+    nothing), so rewards are flat and the update's gradient is zero; the step still does
+    all of its work, which is what the timing needs.
+    """
+    import torch
+    from data_prep.tiny_model import CHAT_TEMPLATE, SIZES, build_image_processor, build_tokenizer
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from dapo_lightning.models import ImageOnlyQwenVLProcessor, resolve_dtype
+
+    tokenizer = build_tokenizer(system_prompt_words=True)
+    config = qwen25_vl_3b_config(tokenizer)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(config).to(resolve_dtype(dtype)).eval()
-    model.generation_config = GenerationConfig(bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
-                                               do_sample=True, temperature=1.0, top_p=1.0)
+    text = config.text_config
+    model.generation_config = GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                                               pad_token_id=text.pad_token_id, do_sample=True, temperature=1.0, top_p=1.0)
     processor = ImageOnlyQwenVLProcessor(
         image_processor=build_image_processor(replace(SIZES["small"], image_side=image_side)),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
