@@ -34,7 +34,7 @@ SHAPES = {
     # issue 6's measured shape: hidden 256, 4 layers, 64 image tokens, prompt 145 tokens
     "small": Shape("small", "small", 224, 145, "small model, 64 image tokens, prompt ~145 tokens"),
     # long prompt: one 616 x 616 image = 22 x 22 = 484 image tokens, plus the full SPEC system prompt
-    "long": Shape("long", "small", 616, None, "small model, 484 image tokens, prompt ~615 tokens"),
+    "long": Shape("long", "small", 616, None, "small model, 484 image tokens, prompt ~620 tokens"),
     # GPU: a random model of Qwen2.5-VL-3B's shape, 256 image tokens, the full SPEC system prompt
     "3b": Shape("3b", "3b", 448, None, "Qwen2.5-VL-3B shape (random weights), 256 image tokens"),
 }

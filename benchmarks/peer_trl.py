@@ -12,7 +12,7 @@ are dropped; the report gives seconds per step (median, min-max), completion tok
 per second, the speed ratio to TRL (ratio of medians, and the median of the
 step-by-step ratios), peak RSS, and where our step's time goes.
 
-    pip install -e .[bench]          # TRL and psutil: benchmark only, never core dependencies
+    pip install -e .[bench]          # TRL: benchmark only, never a core dependency
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/peer_trl.py --threads 1 --steps 6 --warmup 2
     python benchmarks/peer_trl.py --shapes 3b --device cuda --dtype bfloat16   # on a GPU
 
