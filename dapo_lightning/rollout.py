@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicLayer
 
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 
@@ -170,7 +171,7 @@ def generate_shared(
     next_position = prompt_next_position(_base_model(model), prompts)  # [B]
     cache = DynamicCache(config=_base_model(model).config)
     out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(G)
+    repeat_prompt_cache(cache, G, reserve=settings.max_new_tokens - 1)  # the last token is never fed back
     logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
     attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # [N, P]
     position = next_position.repeat_interleave(G)  # [N]
@@ -193,6 +194,53 @@ def generate_shared(
         logits = out.logits[:, -1]  # [N, V]
     completion_ids = torch.stack(steps, dim=1)  # [N, T]
     return _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, stage)
+
+
+class RepeatedPromptLayer(DynamicLayer):
+    """A ``DynamicLayer`` holding each prompt's keys/values repeated for its G rows, with room reserved for the completion.
+
+    ``DynamicLayer.update`` concatenates, copying every cached key and value at every
+    decode step, so the copies grow with prompt length times completion length (with
+    G rows of a 600-token prompt they are about a fifth of CPU generation time, see
+    ``docs/performance.md``). Here a step writes its token into the reserved slice and
+    ``keys``/``values`` are views of the filled part. Past the reserve it concatenates,
+    like its parent.
+    """
+
+    @classmethod
+    def from_prompt(cls, layer: DynamicLayer, repeats: int, reserve: int) -> RepeatedPromptLayer:
+        keys, values = layer.keys, layer.values  # [B, H, P, D]
+        B, H, P, D = keys.shape
+        new = cls()
+        new.lazy_initialization(keys, values)
+        new.key_buffer = keys.new_empty(B * repeats, H, P + reserve, D)  # [N, H, P + reserve, D]
+        new.value_buffer = values.new_empty(B * repeats, H, P + reserve, values.shape[-1])
+        # row b * repeats + g holds prompt b, as repeat_interleave orders them
+        new.key_buffer.view(B, repeats, H, P + reserve, D)[..., :P, :] = keys.unsqueeze(1)
+        new.value_buffer.view(B, repeats, H, P + reserve, values.shape[-1])[..., :P, :] = values.unsqueeze(1)
+        new.length = P
+        new.keys, new.values = new.key_buffer[..., :P, :], new.value_buffer[..., :P, :]
+        return new
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # past the reserve (and from then on): concatenate
+            self.length = end
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.key_buffer[..., self.length : end, :] = key_states
+        self.value_buffer[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
+def repeat_prompt_cache(cache, repeats: int, reserve: int) -> None:
+    """``cache.batch_repeat_interleave(repeats)``, with ``reserve`` more positions per row in its dynamic layers."""
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
+            cache.layers[index] = RepeatedPromptLayer.from_prompt(layer, repeats, reserve)
+        else:
+            layer.batch_repeat_interleave(repeats)
 
 
 def generate(

@@ -8,7 +8,10 @@ from torch.testing import assert_close
 
 from dapo_lightning.config import LoraSettings, LossConfig, OptimConfig, PolicyConfig, RolloutConfig
 from dapo_lightning.models import apply_lora
+from transformers.cache_utils import DynamicLayer
+
 from dapo_lightning.rollout import (
+    RepeatedPromptLayer,
     SamplingSettings,
     TokenIds,
     completion_logps,
@@ -40,6 +43,28 @@ def test_shared_generation_samples_exactly_what_generate_samples(policy, process
     assert shared.completions == reference.completions
     if settings.min_new_tokens:
         assert (shared.completion_mask.sum(-1) == settings.min_new_tokens).all()
+
+
+def test_repeated_prompt_layer_is_repeat_then_concatenate_without_the_copies():
+    torch.manual_seed(0)
+    B, H, P, D, G = 2, 3, 4, 5, 3
+    keys, values = torch.randn(B, H, P, D), torch.randn(B, H, P, D)
+    reference = DynamicLayer()
+    reference.update(keys, values)
+    reference.batch_repeat_interleave(G)  # row b * G + g holds prompt b
+    prompt = DynamicLayer()
+    prompt.update(keys, values)
+    layer = RepeatedPromptLayer.from_prompt(prompt, G, reserve=2)
+    assert layer.key_buffer.shape == (B * G, H, P + 2, D)
+    storage = layer.key_buffer.untyped_storage().data_ptr()
+    for step in range(4):  # two decode steps inside the reserve, two past it
+        new_keys, new_values = torch.randn(B * G, H, 1, D), torch.randn(B * G, H, 1, D)
+        expected = reference.update(new_keys, new_values)
+        got = layer.update(new_keys, new_values)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert layer.get_seq_length() == P + step + 1 == got[0].shape[-2]
+        # inside the reserve the step wrote in place: the keys are a view of the buffer, not a new copy
+        assert (got[0].untyped_storage().data_ptr() == storage) == (step < 2)
 
 
 def _rollout(policy, processor, prompt_batch):

@@ -1,0 +1,1 @@
+"""Benchmarks (not timed tests): ``python benchmarks/peer_trl.py --help``."""
