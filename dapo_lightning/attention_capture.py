@@ -239,17 +239,24 @@ class AttentionCapture:
     ) -> None:
         """Reduce one layer's attention for the prepared rows to per-row text and vision masses."""
         chunk = self._chunk
-        if chunk is None or query.shape[2] != chunk.width or key.shape[2] != chunk.width:
-            return  # not the teacher-forced forward of prepared rows (e.g. a cached decode step)
-        n, H, S, d = query.shape
-        groups = H // key.shape[1]
+        if chunk is None or query.shape[0] != len(chunk.rows):
+            return
         P, R = chunk.prompt_width, chunk.num_generation_rows
+        if query.shape[2] == key.shape[2] == chunk.width:
+            offset = P  # one forward over prompt + completion: generation rows are queries P .. P + R - 1
+        elif R and query.shape[2] == R and key.shape[2] == P + R:
+            offset = 0  # shared-prompt pass: the completion forward over the cached prompt; its queries are the rows
+        else:
+            return  # another forward (a prompt-only pass, a cached decode step)
+        n, H, _, d = query.shape
+        S = key.shape[2]
+        groups = H // key.shape[1]
         scale = scaling if scaling is not None else d**-0.5
         sums = torch.zeros(n, R, 3 if self.variant == "original" else 2, device=query.device)  # [n, R, .] over heads
         rows_per_chunk = max(1, min(R, self.chunk_elements // max(n * S, 1))) if R else 1
         heads_per_chunk = max(1, min(H, self.chunk_elements // max(n * rows_per_chunk * S, 1)))
         columns = torch.arange(S, device=query.device)  # [S]
-        key_valid = chunk.key_valid.to(query.device)[:, None, None, :]  # [n, 1, 1, S]
+        key_valid = chunk.key_valid[:, :S].to(query.device)[:, None, None, :]  # [n, 1, 1, S]
         # Value vectors = key-set indicators, padded to the head size (the fused kernels want equal sizes): the
         # attention output of a query is then its attention mass on each set, and no [r, S] matrix is stored.
         values = torch.zeros(n, 1, S, max(d, 3), device=query.device)  # [n, 1, S, d]
@@ -263,7 +270,7 @@ class AttentionCapture:
                 allowed = columns[None, :] <= positions[:, None]  # [r, S] causal
                 if sliding_window is not None:
                     allowed = allowed & (columns[None, :] > positions[:, None] - sliding_window)
-                q = query[:, h0 : h0 + len(heads), P + r0 : P + r1].float()  # [n, h, r, d]
+                q = query[:, h0 : h0 + len(heads), offset + r0 : offset + r1].float()  # [n, h, r, d]
                 mass = scaled_dot_product_attention(
                     q,
                     keys,

@@ -298,21 +298,20 @@ class DAPOModule(LightningModule):
             return
         T = rollout.completion_ids.shape[1]
         old, ref = [], []
-        with ExitStack() as stack, self._eval_mode():
-            for capture in captures:
-                stack.enter_context(capture)
-            for rows in self.row_chunks(rollout.num_rows):
-                if captures:  # captures see one full prompt + completion forward per chunk
-                    inputs = rollout.model_inputs(rows)
+        with self._eval_mode():
+            if captures or need_old:
+                with ExitStack() as stack:
                     for capture in captures:
-                        if hasattr(capture, "before_forward"):
-                            capture.before_forward(rows, inputs)
-                    logps = self._logps(inputs).logps
-                elif need_old:
-                    logps = self.completion_logps(rollout, rows).logps
-                if captures or need_old:
-                    old.append(_pad_right(logps, T))
-                if need_ref:
+                        stack.enter_context(capture)
+                    for rows in self.row_chunks(rollout.num_rows):
+                        if captures:  # prepared with the full inputs; the forward itself may share the prompt
+                            inputs = rollout.model_inputs(rows)
+                            for capture in captures:
+                                if hasattr(capture, "before_forward"):
+                                    capture.before_forward(rows, inputs)
+                        old.append(_pad_right(self.completion_logps(rollout, rows).logps, T))
+            if need_ref:  # outside the captures: a LoRA reference runs through the same attention modules
+                for rows in self.row_chunks(rollout.num_rows):
                     ref.append(_pad_right(self._reference_logps(rollout, rows), T))
         if need_old:
             rollout.old_logps = torch.cat(old)  # [N, T]

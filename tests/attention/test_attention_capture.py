@@ -22,7 +22,14 @@ from dapo_lightning.attention import (
 from dapo_lightning.attention_capture import AttentionCapture, _KernelConfig, decoder_attention_modules
 from dapo_lightning.batch import RolloutBatch
 from dapo_lightning.models import load_policy
-from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_logps, completion_mask_from_eos, generate
+from dapo_lightning.rollout import (
+    SamplingSettings,
+    TokenIds,
+    completion_logps,
+    completion_logps_shared,
+    completion_mask_from_eos,
+    generate,
+)
 
 CHUNKS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # micro-batches that mix groups of different prompt lengths
 
@@ -43,14 +50,21 @@ def rollout(policy, processor, prompt_batch):
     return out
 
 
-def capture(policy, special, rollout, *, chunks=CHUNKS, **kwargs) -> CapturedAttention:
-    """What DAPOModule.teacher_forced_pass does: one forward per row chunk inside the capture."""
+def capture(policy, special, rollout, *, chunks=CHUNKS, shared=False, **kwargs) -> CapturedAttention:
+    """What DAPOModule.teacher_forced_pass does: one pass per row chunk inside the capture.
+
+    ``shared``: the pass runs each prompt once and the completions from its cache
+    (``completion_logps_shared``), as the module does by default.
+    """
     cap = AttentionCapture(policy, special, rollout.num_rows, rollout.completion_ids.shape[1], **kwargs)
     with torch.no_grad(), cap:
         for rows in chunks:
             inputs = rollout.model_inputs(rows)
             cap.before_forward(rows, inputs)
-            completion_logps(policy, inputs)
+            if shared:
+                completion_logps_shared(policy, rollout, rows)
+            else:
+                completion_logps(policy, inputs)
     return cap.result
 
 
@@ -87,11 +101,13 @@ def brute_force(eager, special, rollout, variant):
     return text, vision
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["full-forward", "shared-prompt"])
 @pytest.mark.parametrize("variant", ["original", "paper"])
 @pytest.mark.parametrize("chunk_elements", [2**22, 300])  # 300: several head and query-row chunks per layer
-def test_capture_equals_brute_force_full_attention(policy, processor, rollout, tiny_model_dir, variant, chunk_elements):
+def test_capture_equals_brute_force_full_attention(policy, processor, rollout, tiny_model_dir, variant, chunk_elements,
+                                                   shared):
     special = SpecialTokens.from_tokenizer(processor.tokenizer)
-    got = capture(policy.eval(), special, rollout, variant=variant, chunk_elements=chunk_elements)
+    got = capture(policy.eval(), special, rollout, variant=variant, chunk_elements=chunk_elements, shared=shared)
     eager = load_policy(str(tiny_model_dir), attn_implementation="eager").eval()
     text, vision = brute_force(eager, special, rollout, variant)
     assert got.text.shape == (2, 12, rollout.completion_ids.shape[1] - 1)  # [L, N, T - 1]
