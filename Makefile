@@ -26,5 +26,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (CPU figures in the README): TRL goes in the optional [bench] extra, never in the core dependencies.
+bench: setup
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/attention_overhead.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/peer_trl.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/demo_seeds.py
+
 clean:
 	rm -rf $(VENV) .cache runs

@@ -110,7 +110,8 @@ class AttentionMetrics(Callback):
     # --- hooks -----------------------------------------------------------------------------------
 
     def teacher_forced_capture(self, trainer, pl_module, rollout) -> AttentionCapture | None:
-        if not self.should_capture(rollout.stage):
+        # Extra rollouts (dynamic-sampling rounds, probes: ``rollout.tag``) are captured only when a reward needs VGR.
+        if not (self.forced if rollout.tag is not None else self.should_capture(rollout.stage)):
             return None
         if self._special is None:
             self._special = SpecialTokens.from_tokenizer(pl_module.tokenizer)
@@ -128,7 +129,7 @@ class AttentionMetrics(Callback):
 
     def on_rollout_generated(self, trainer, pl_module, rollout) -> None:
         pending, self._pending = self._pending, None
-        if rollout.stage == "train":
+        if rollout.stage == "train" and rollout.tag is None:
             self.train_rollouts += 1
         if pending is None or pending[0] is not rollout or pending[1].result is None:
             return
@@ -137,7 +138,8 @@ class AttentionMetrics(Callback):
         rollout.extras["vgr"] = report.reward_vgr.tolist()
         rollout.extras["attention"] = report
         rollout.extras["attention_tokens"] = captured
-        self._log(trainer, pl_module, rollout.stage, report)
+        if rollout.tag is None:  # the curves describe the step's own rollouts, not extra rounds or probe variants
+            self._log(trainer, pl_module, rollout.stage, report)
 
     # --- logging ---------------------------------------------------------------------------------
     # Each logged value is a sum over usable rows and a row count (or, for skips, a count alone), reduced over

@@ -399,7 +399,8 @@ class MarkdownRolloutLog(Callback):
         self._eval = {"names": None, "per_func": [], "totals": [], "rates": [], "segments": [], "samples": []}
 
     def on_rollout_scored(self, trainer, pl_module, rollout) -> None:
-        if rollout.stage != "val" or not self.log_eval or not trainer.is_global_zero or not self._eval:
+        own_validation = rollout.stage == "val" and rollout.tag is None  # not a probe variant's rollout
+        if not own_validation or not self.log_eval or not trainer.is_global_zero or not self._eval:
             return
         start = time.perf_counter()
         tokenizer = getattr(pl_module, "tokenizer", None)

@@ -1,0 +1,23 @@
+"""Extra rollouts (dynamic-sampling rounds, probe variants) are not mixed into the attention curves."""
+
+from types import SimpleNamespace
+
+from callbacks.attention_metrics import AttentionMetrics
+
+
+def _rollout(stage, tag):
+    return SimpleNamespace(stage=stage, tag=tag)
+
+
+def test_tagged_rollouts_are_captured_only_when_a_reward_needs_vgr():
+    callback = AttentionMetrics(every_n_steps=1, on_validation=True)
+    module = SimpleNamespace()
+    assert callback.teacher_forced_capture(None, module, _rollout("val", "probe:black_image")) is None
+    assert callback.teacher_forced_capture(None, module, _rollout("train", "dynamic_sampling")) is None
+
+
+def test_tagged_rollouts_do_not_advance_the_capture_cadence():
+    callback = AttentionMetrics(every_n_steps=3)
+    for tag in (None, "dynamic_sampling", "dynamic_sampling", None):
+        callback.on_rollout_generated(None, None, _rollout("train", tag))
+    assert callback.train_rollouts == 2
