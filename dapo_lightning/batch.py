@@ -55,6 +55,18 @@ class PromptBatch:
             start += n
         return counts
 
+    def model_inputs(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Keyword arguments of the policy's forward over the prompts alone (pixel values cast to ``dtype``)."""
+        inputs = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "pixel_values": self.pixel_values if dtype is None else self.pixel_values.to(dtype),
+            "image_grid_thw": self.image_grid_thw,
+        }
+        if self.mm_token_type_ids is not None:
+            inputs["mm_token_type_ids"] = self.mm_token_type_ids
+        return inputs
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptBatch:
         pixel_values = self.pixel_values.to(device, dtype=dtype) if dtype is not None else self.pixel_values.to(device)
         return replace(

@@ -84,14 +84,7 @@ def generate_hf(
     for models without Qwen2.5-VL's cache layout (``model.rollout.shared_prompt: false``).
     """
     P = prompts.input_ids.shape[1]
-    inputs = {
-        "input_ids": prompts.input_ids,
-        "attention_mask": prompts.attention_mask,
-        "pixel_values": prompts.pixel_values,
-        "image_grid_thw": prompts.image_grid_thw,
-    }
-    if prompts.mm_token_type_ids is not None:
-        inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
+    inputs = prompts.model_inputs(next(model.parameters()).dtype)
     sampling = (
         {"do_sample": False}
         if settings.greedy
@@ -159,15 +152,7 @@ def generate_shared(
     B, P = prompts.input_ids.shape
     G = settings.num_generations
     device = prompts.input_ids.device
-    dtype = next(model.parameters()).dtype
-    inputs = {
-        "input_ids": prompts.input_ids,
-        "attention_mask": prompts.attention_mask,
-        "pixel_values": prompts.pixel_values.to(dtype),
-        "image_grid_thw": prompts.image_grid_thw,
-    }
-    if prompts.mm_token_type_ids is not None:
-        inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
+    inputs = prompts.model_inputs(next(model.parameters()).dtype)
     next_position = prompt_next_position(_base_model(model), prompts)  # [B]
     cache = DynamicCache(config=_base_model(model).config)
     out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
@@ -347,15 +332,7 @@ def completion_logps_shared(
     groups = sorted(set((rows_t // G).tolist()))
     prompts = rollout.prompts.select(groups)  # [b, P']
     slot = torch.tensor([groups.index(int(g)) for g in (rows_t // G).tolist()], device=rows_t.device)  # [n]
-    dtype = next(model.parameters()).dtype
-    inputs = {
-        "input_ids": prompts.input_ids,
-        "attention_mask": prompts.attention_mask,
-        "pixel_values": prompts.pixel_values.to(dtype),
-        "image_grid_thw": prompts.image_grid_thw,
-    }
-    if prompts.mm_token_type_ids is not None:
-        inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
+    inputs = prompts.model_inputs(next(model.parameters()).dtype)
     next_position = prompt_next_position(_base_model(model), prompts)  # [b]
     cache = DynamicCache(config=_base_model(model).config)
     first = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V] predicts token 0
