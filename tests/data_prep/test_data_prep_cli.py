@@ -56,8 +56,9 @@ def test_unknown_command_and_no_command_exit_2(cli):
     assert "usage: python -m data_prep COMMAND" in stderr
 
 
-def test_sources_to_merged_training_file(cli, tmp_path):
-    """Two converted sources and the synthetic set merge into a file that validates and datasets reads as Images."""
+def test_sources_to_merged_training_file(cli, tmp_path, tiny_model_dir):
+    """Two converted sources and the synthetic set merge into a file that validates, datasets reads as Images,
+    and the data module feeds to one training step of the tiny model."""
     aokvqa = write_parquet(
         tmp_path / "aokvqa-train.parquet",
         [
@@ -99,6 +100,13 @@ def test_sources_to_merged_training_file(cli, tmp_path):
     by_problem = {row["problem"]: (row["image"].size, row["solution"]) for row in dataset}
     assert by_problem["What is red?\nA: bus\nB: sky\nC: grass\nD: sea"] == ((9, 6), "A")
     assert by_problem["Which shape?\nA: circle\nB: square"] == ((4, 8), "B")
+
+    from tests.test_module import fit, make_module
+
+    module = make_module(tiny_model_dir, rewards=("accuracy", "format"))
+    trainer = fit(tmp_path / "run", module, merged, tiny_model_dir, steps=2, batch_size=2)
+    assert trainer.global_step == 2
+    assert float(trainer.callback_metrics["train/completion_length/mean"]) >= 1
 
 
 def _noise_png(seed: int, side: int = 128) -> bytes:
