@@ -43,6 +43,7 @@ class AttentionMetrics(Callback):
         on_validation: bool = True,
         variant: str = "original",
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        capture_during_generation: bool = True,
     ):
         """
         Args:
@@ -52,6 +53,9 @@ class AttentionMetrics(Callback):
                 VGR = text density / vision density) or ``paper`` (per-head normalisation within text and vision
                 keys, VGR = vision density / text density; the rewards still read text over vision).
             chunk_elements: Most attention scores recomputed at once per layer (bounds the extra memory).
+            capture_during_generation: When this project's decoder samples (``model.rollout.shared_prompt``), capture
+                each decode step's row as it is generated, with no second forward; else (and with ``false``) in the
+                teacher-forced pass, which works with any generator. Both give the same numbers (tested).
         """
         if every_n_steps < 1:
             raise ValueError(f"AttentionMetrics.every_n_steps: must be >= 1, got {every_n_steps}")
@@ -63,6 +67,7 @@ class AttentionMetrics(Callback):
         self.on_validation = on_validation
         self.variant = variant
         self.chunk_elements = chunk_elements
+        self.capture_during_generation = capture_during_generation
         self.forced_by: list[str] = []  # what needs a capture on every rollout
         self.train_rollouts = 0  # training rollouts seen (checkpointed, so every_n_steps survives a resume)
         self._pending: tuple[Any, AttentionCapture] | None = None
@@ -109,21 +114,39 @@ class AttentionMetrics(Callback):
 
     # --- hooks -----------------------------------------------------------------------------------
 
-    def teacher_forced_capture(self, trainer, pl_module, rollout) -> AttentionCapture | None:
-        # Extra rollouts (dynamic-sampling rounds, probes: ``rollout.tag``) are captured only when a reward needs VGR.
-        if not (self.forced if rollout.tag is not None else self.should_capture(rollout.stage)):
-            return None
+    def _wants(self, stage: str, tag: str | None) -> bool:
+        # Extra rollouts (dynamic-sampling rounds, probes: ``tag``) are captured only when a reward needs VGR.
+        return self.forced if tag is not None else self.should_capture(stage)
+
+    def _new_capture(self, pl_module, num_rows: int, width: int, device) -> AttentionCapture:
         if self._special is None:
             self._special = SpecialTokens.from_tokenizer(pl_module.tokenizer)
-        capture = AttentionCapture(
+        return AttentionCapture(
             pl_module.policy,
             self._special,
-            rollout.num_rows,
-            rollout.completion_ids.shape[1],
+            num_rows,
+            width,
             variant=self.variant,
             chunk_elements=self.chunk_elements,
-            device=rollout.completion_ids.device,
+            device=device,
         )
+
+    def generation_capture(self, trainer, pl_module, prompts, settings, stage: str, tag: str | None):
+        if not (self.capture_during_generation and self._wants(stage, tag)):
+            return None
+        capture = self._new_capture(
+            pl_module, len(prompts) * settings.num_generations, settings.max_new_tokens, prompts.input_ids.device
+        )
+        self._pending = ("generation", capture)
+        return capture
+
+    def teacher_forced_capture(self, trainer, pl_module, rollout) -> AttentionCapture | None:
+        if self._pending is not None and self._pending[0] == "generation":
+            return None  # this rollout's rows were captured while it was generated
+        if not self._wants(rollout.stage, rollout.tag):
+            return None
+        capture = self._new_capture(pl_module, rollout.num_rows, rollout.completion_ids.shape[1],
+                                    rollout.completion_ids.device)
         self._pending = (rollout, capture)
         return capture
 
@@ -131,9 +154,16 @@ class AttentionMetrics(Callback):
         pending, self._pending = self._pending, None
         if rollout.stage == "train" and rollout.tag is None:
             self.train_rollouts += 1
-        if pending is None or pending[0] is not rollout or pending[1].result is None:
+        if pending is None:
             return
-        captured = pending[1].result
+        owner, capture = pending
+        if owner == "generation":
+            capture.finish_generation(rollout.completion_mask)
+        elif owner is not rollout:
+            return
+        if capture.result is None:
+            return
+        captured = capture.result
         report = attention_report(captured)
         rollout.extras["vgr"] = report.reward_vgr.tolist()
         rollout.extras["attention"] = report

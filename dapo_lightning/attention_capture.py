@@ -233,6 +233,56 @@ class AttentionCapture:
             row_exists=row_exists,
         )
 
+    # --- capture during generation ----------------------------------------------------------------
+
+    def before_generation(self, prompts, num_generations: int) -> None:
+        """Prepare to capture the decode steps of ``generate_shared`` for all N = B * G rows.
+
+        Decode step t feeds completion token t, so its single query is generation row t
+        (SPEC 3): the same rows the original collected from ``generate(output_attentions=True)``
+        and the teacher-forced pass computes, here without a second forward.
+        """
+        device = self.text.device
+        G = num_generations
+        input_ids = prompts.input_ids.repeat_interleave(G, dim=0)  # [N, P]
+        prompt_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # [N, P]
+        P = input_ids.shape[1]
+        masks = modality_masks(input_ids, prompt_mask, self.special)  # [N, P]
+        sink = first_real_position(prompt_mask)  # [N]
+        kept = prompt_mask.bool().clone()
+        kept[torch.arange(len(kept), device=kept.device), sink] = False
+        rows_t = torch.arange(input_ids.shape[0], device=device)
+        self.num_text[rows_t] = masks.num_text.to(device)
+        self.num_vision[rows_t] = masks.num_vision.to(device)
+        self._chunk = _Chunk(
+            rows=rows_t,
+            width=-1,
+            prompt_width=P,
+            num_generation_rows=self.text.shape[2],
+            key_valid=prompt_mask.bool(),
+            indicators=torch.stack([kept, masks.text & kept, masks.vision & kept], dim=-1).float(),
+            row_exists=torch.ones(len(rows_t), self.text.shape[2], dtype=torch.bool, device=device),
+        )
+        self._decode_step: tuple[int, Tensor] | None = None
+
+    def before_decode_step(self, step: int, attention_mask: Tensor) -> None:
+        """The next forward feeds completion token ``step``; ``attention_mask`` is its [N, P + step + 1] mask."""
+        self._decode_step = (step, attention_mask)
+
+    def finish_generation(self, completion_mask: Tensor) -> None:
+        """Keep the rows that exist (r < C_i - 1) and trim to the rollout's completion width."""
+        R = max(completion_mask.shape[1] - 1, 0)
+        exists = generation_rows(completion_mask).to(self.text.device)  # [N, R]
+        self.text = torch.where(exists, self.text[:, :, :R], torch.zeros_like(self.text[:, :, :R]))
+        self.vision = torch.where(exists, self.vision[:, :, :R], torch.zeros_like(self.vision[:, :, :R]))
+        self.rows = exists
+        self.result = CapturedAttention(
+            text=self.text, vision=self.vision, rows=self.rows, num_text=self.num_text,
+            num_vision=self.num_vision, captured=self.captured, variant=self.variant,
+        )
+
+    # --- recording ---------------------------------------------------------------------------------
+
     @torch.no_grad()
     def record(
         self, layer: int, query: Tensor, key: Tensor, *, scaling: float | None, sliding_window: int | None
@@ -242,13 +292,33 @@ class AttentionCapture:
         if chunk is None or query.shape[0] != len(chunk.rows):
             return
         P, R = chunk.prompt_width, chunk.num_generation_rows
-        if query.shape[2] == key.shape[2] == chunk.width:
-            offset = P  # one forward over prompt + completion: generation rows are queries P .. P + R - 1
+        decode = getattr(self, "_decode_step", None) if chunk.width < 0 else None
+        if chunk.width < 0:  # generation: one decode step, one generation row
+            if decode is None or query.shape[2] != 1 or key.shape[2] != P + decode[0] + 1:
+                return  # the prefill, or a forward outside the decode loop
+            step, mask = decode
+            offset, first, count, key_valid = 0, step, 1, mask.bool()
+        elif query.shape[2] == key.shape[2] == chunk.width:
+            offset, first, count, key_valid = P, 0, R, chunk.key_valid  # one forward over prompt + completion
         elif R and query.shape[2] == R and key.shape[2] == P + R:
-            offset = 0  # shared-prompt pass: the completion forward over the cached prompt; its queries are the rows
+            offset, first, count, key_valid = 0, 0, R, chunk.key_valid  # shared-prompt pass: completion queries only
         else:
-            return  # another forward (a prompt-only pass, a cached decode step)
+            return  # another forward (a prompt-only pass)
+        if first >= self.text.shape[2]:
+            return
+        text, vision = self._masses(query, key, chunk, offset, first, count, key_valid, scaling, sliding_window)
+        exists = chunk.row_exists[:, first : first + count].to(text.device)
+        device = self.text.device
+        self.text[layer, chunk.rows, first : first + count] = torch.where(exists, text, torch.zeros_like(text)).to(device)
+        self.vision[layer, chunk.rows, first : first + count] = torch.where(
+            exists, vision, torch.zeros_like(vision)
+        ).to(device)
+        self.captured[layer, chunk.rows] = True
+
+    def _masses(self, query, key, chunk, offset, first, R, key_valid, scaling, sliding_window):
+        """Text and vision mass [n, R] of generation rows first .. first + R - 1 (queries from ``offset``)."""
         n, H, _, d = query.shape
+        P = chunk.prompt_width
         S = key.shape[2]
         groups = H // key.shape[1]
         scale = scaling if scaling is not None else d**-0.5
@@ -256,7 +326,7 @@ class AttentionCapture:
         rows_per_chunk = max(1, min(R, self.chunk_elements // max(n * S, 1))) if R else 1
         heads_per_chunk = max(1, min(H, self.chunk_elements // max(n * rows_per_chunk * S, 1)))
         columns = torch.arange(S, device=query.device)  # [S]
-        key_valid = chunk.key_valid[:, :S].to(query.device)[:, None, None, :]  # [n, 1, 1, S]
+        valid = key_valid[:, :S].to(query.device)[:, None, None, :]  # [n, 1, 1, S]
         # Value vectors = key-set indicators, padded to the head size (the fused kernels want equal sizes): the
         # attention output of a query is then its attention mass on each set, and no [r, S] matrix is stored.
         values = torch.zeros(n, 1, S, max(d, 3), device=query.device)  # [n, 1, S, d]
@@ -266,7 +336,7 @@ class AttentionCapture:
             keys = key.index_select(1, heads // groups).float()  # [n, h, S, d]
             for r0 in range(0, R, rows_per_chunk):
                 r1 = min(r0 + rows_per_chunk, R)
-                positions = torch.arange(P + r0, P + r1, device=query.device)  # [r] query columns
+                positions = torch.arange(P + first + r0, P + first + r1, device=query.device)  # [r] query columns
                 allowed = columns[None, :] <= positions[:, None]  # [r, S] causal
                 if sliding_window is not None:
                     allowed = allowed & (columns[None, :] > positions[:, None] - sliding_window)
@@ -275,7 +345,7 @@ class AttentionCapture:
                     q,
                     keys,
                     values.expand(n, len(heads), S, values.shape[-1]),
-                    attn_mask=allowed[None, None] & key_valid,
+                    attn_mask=allowed[None, None] & valid,
                     scale=scale,
                 )[..., :3]  # [n, h, r, 3]: softmax(q k^T) summed over kept prompt keys, text keys, vision keys
                 if self.variant == "original":
@@ -293,8 +363,4 @@ class AttentionCapture:
             vision = torch.where(total > 0, sums[..., 2] / safe, torch.zeros_like(total))
         else:
             text, vision = sums[..., 0] / H, sums[..., 1] / H  # [n, R] head averages
-        exists = chunk.row_exists.to(text.device)
-        device = self.text.device
-        self.text[layer, chunk.rows, :R] = torch.where(exists, text, torch.zeros_like(text)).to(device)
-        self.vision[layer, chunk.rows, :R] = torch.where(exists, vision, torch.zeros_like(vision)).to(device)
-        self.captured[layer, chunk.rows] = True
+        return text, vision

@@ -8,6 +8,10 @@ A callback may ask for extra rollouts with ``module.make_rollout(batch, stage, t
 those too, with ``rollout.tag`` set, and a callback that acts once per step (a replay
 buffer, a log writer) returns early when ``rollout.tag`` is not None:
 
+0. ``generation_capture(trainer, module, prompts, settings, stage, tag)`` -> a context
+   manager or None. Asked only when this project's shared-prompt decoder samples; entered
+   around generation, with ``before_generation(prompts, G)`` and ``before_decode_step(t,
+   attention_mask)`` called on it. A capture made here needs no second forward.
 1. ``teacher_forced_capture(trainer, module, rollout)`` -> a context manager or None.
    Entered around the module's no-grad teacher-forced pass over prompt + completion
    (the pass that also yields the old log-probs). Attention statistics are captured
@@ -42,6 +46,8 @@ class RolloutCallback(Protocol):
     needs_old_logps: bool
     provides: tuple[str, ...]
 
+    def generation_capture(self, trainer, module, prompts, settings, stage: str, tag: str | None): ...
+
     def teacher_forced_capture(self, trainer, module, rollout: RolloutBatch) -> AbstractContextManager | None: ...
 
     def on_rollout_generated(self, trainer, module, rollout: RolloutBatch) -> None: ...
@@ -69,6 +75,18 @@ def captures(trainer, module, rollout: RolloutBatch) -> list[AbstractContextMana
         method = getattr(callback, "teacher_forced_capture", None)
         if method is not None:
             capture = method(trainer, module, rollout)
+            if capture is not None:
+                out.append(capture)
+    return out
+
+
+def generation_captures(trainer, module, prompts, settings, stage: str, tag: str | None) -> list:
+    """Captures callbacks want active during generation (only asked when this project's decoder samples)."""
+    out = []
+    for callback in callbacks_of(trainer):
+        method = getattr(callback, "generation_capture", None)
+        if method is not None:
+            capture = method(trainer, module, prompts, settings, stage, tag)
             if capture is not None:
                 out.append(capture)
     return out

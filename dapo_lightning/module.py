@@ -47,6 +47,7 @@ from dapo_lightning.rollout import (
     TokenIds,
     completion_logps,
     completion_logps_shared,
+    decodes_with_hooks,
     generate,
     supports_shared_prompt,
 )
@@ -252,9 +253,22 @@ class DAPOModule(LightningModule):
         callbacks that act once per step (replay buffer, logs) skip tagged rollouts.
         """
         start = time.perf_counter()
-        with self._eval_mode():
-            rollout = generate(self.policy, batch, self.tokenizer, self.sampling(stage), self.token_ids, stage=stage,
-                               shared_prompt=self.rollout_cfg.shared_prompt)
+        settings = self.sampling(stage)
+        captures = []
+        if decodes_with_hooks(self.policy, self.rollout_cfg.shared_prompt):
+            captures = hooks.generation_captures(self.trainer, self, batch, settings, stage, tag)
+        with ExitStack() as stack, self._eval_mode():
+            for capture in captures:
+                stack.enter_context(capture)
+                capture.before_generation(batch, settings.num_generations)
+
+            def on_decode_step(step: int, attention_mask: Tensor) -> None:
+                for capture in captures:
+                    capture.before_decode_step(step, attention_mask)
+
+            rollout = generate(self.policy, batch, self.tokenizer, settings, self.token_ids, stage=stage,
+                               shared_prompt=self.rollout_cfg.shared_prompt,
+                               on_decode_step=on_decode_step if captures else None)
         rollout.tag = tag
         rollout.timings["generate"] = time.perf_counter() - start
         rollout.reward_names = [s.name for s in self.reward_specs]

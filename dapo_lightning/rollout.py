@@ -7,6 +7,7 @@ tokens, T completion tokens, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,7 @@ def generate_shared(
     token_ids: TokenIds,
     *,
     stage: str = "train",
+    on_decode_step: Callable[[int, Tensor], None] | None = None,
 ) -> RolloutBatch:
     """Sample G completions per prompt, encoding each image and prefilling each prompt once.
 
@@ -146,6 +148,8 @@ def generate_shared(
     the N = B * G completions are decoded from it. Positions continue Qwen2.5-VL's
     multimodal rotary positions explicitly: the next text position of a prompt is its
     largest position + 1 (``get_rope_index``), whatever its left padding.
+    ``on_decode_step(t, attention_mask)`` runs before the forward that feeds completion
+    token t (attention captures use it).
     """
     from transformers import DynamicCache
 
@@ -174,6 +178,8 @@ def generate_shared(
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # [N, P + t + 1]
         position_ids = (position + t).view(1, -1, 1).expand(3, -1, 1)  # [3, N, 1]
+        if on_decode_step is not None:
+            on_decode_step(t, attention_mask)
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position_ids,
                     cache=cache, use_cache=True)
         logits = out.logits[:, -1]  # [N, V]
@@ -237,11 +243,20 @@ def generate(
     *,
     stage: str = "train",
     shared_prompt: bool = True,
+    on_decode_step: Callable[[int, Tensor], None] | None = None,
 ) -> RolloutBatch:
-    """G completions per prompt: prefilled once per prompt when the model allows it, else by ``model.generate``."""
-    if shared_prompt and supports_shared_prompt(model):
-        return generate_shared(model, prompts, tokenizer, settings, token_ids, stage=stage)
+    """G completions per prompt: prefilled once per prompt when the model allows it, else by ``model.generate``.
+
+    ``on_decode_step`` is only called by the shared-prompt decoder (see ``decodes_with_hooks``).
+    """
+    if decodes_with_hooks(model, shared_prompt):
+        return generate_shared(model, prompts, tokenizer, settings, token_ids, stage=stage, on_decode_step=on_decode_step)
     return generate_hf(model, prompts, tokenizer, settings, token_ids, stage=stage)
+
+
+def decodes_with_hooks(model, shared_prompt: bool) -> bool:
+    """Whether ``generate`` runs this project's decoder (per-step hooks) rather than ``model.generate``."""
+    return shared_prompt and supports_shared_prompt(model)
 
 
 def prompt_next_position(model, prompts: PromptBatch) -> Tensor:

@@ -294,3 +294,28 @@ def test_logged_values_are_reduced_over_processes_in_one_gather():
     assert logged["train/attention/late/vgr"] == (3.0 + 6.0) / (2 + 4)  # the mean over all processes' rows
     assert logged["train/attention/skipped/no_vision_tokens"] == 3.0
     assert "train/attention/early/vgr" not in logged  # no rows: nothing logged
+
+
+def test_capture_during_generation_makes_no_second_forward_and_matches_the_teacher_forced_pass(
+    tmp_path, tiny_model_dir, synthetic_parquet, monkeypatch
+):
+    reports = {}
+    for during in (True, False):
+        probe = Probe()
+        module = make_module(tiny_model_dir, rewards=("accuracy", "vgr"), weights=[1.0, 0.2])
+        passes = []
+        original = module.completion_logps
+
+        def counting(rollout, rows, **kwargs):
+            passes.append(torch.is_grad_enabled())
+            return original(rollout, rows, **kwargs)
+
+        monkeypatch.setattr(module, "completion_logps", counting)
+        fit(tmp_path / str(during), module, synthetic_parquet, tiny_model_dir, steps=1,
+            callbacks=[AttentionMetrics(capture_during_generation=during), probe])
+        no_grad_passes = passes.count(False)
+        assert no_grad_passes == (0 if during else 1)  # one chunk: the teacher-forced pass, only when needed
+        reports[during] = probe.seen[0]["extras"]["vgr"]
+    # same sampled completions (same seed), same statistics from either capture
+    torch.testing.assert_close(torch.tensor(reports[True]), torch.tensor(reports[False]), rtol=1e-5, atol=1e-6,
+                               equal_nan=True)

@@ -241,3 +241,29 @@ def test_a_second_capture_on_the_same_model_is_refused(policy, processor, rollou
                 pass
     for module in decoder_attention_modules(policy):
         assert not isinstance(module.config, _KernelConfig)
+
+
+@pytest.mark.parametrize("variant", ["original", "paper"])
+def test_capture_during_generation_equals_brute_force(policy, processor, prompt_batch, tiny_model_dir, variant):
+    """The decode steps' own queries (no second forward) give the same statistics as full attention matrices."""
+    from dapo_lightning.rollout import generate_shared
+
+    special = SpecialTokens.from_tokenizer(processor.tokenizer)
+    token_ids = TokenIds.from_tokenizer(processor.tokenizer, policy.generation_config)
+    settings = SamplingSettings(num_generations=4, max_new_tokens=10)
+    policy.eval()
+    cap = AttentionCapture(policy, special, len(prompt_batch) * 4, settings.max_new_tokens, variant=variant)
+    torch.manual_seed(0)
+    with torch.no_grad(), cap:
+        cap.before_generation(prompt_batch, 4)
+        rollout = generate_shared(policy, prompt_batch, processor.tokenizer, settings, token_ids,
+                                  on_decode_step=cap.before_decode_step)
+    cap.finish_generation(rollout.completion_mask)
+    got = cap.result
+    assert len(set(rollout.completion_lengths.tolist())) > 1  # rows end at different steps
+    eager = load_policy(str(tiny_model_dir), attn_implementation="eager").eval()
+    text, vision = brute_force(eager, special, rollout, variant)
+    assert got.text.shape == text.shape
+    assert torch.equal(got.rows, torch.arange(text.shape[2])[None, :] < rollout.completion_lengths[:, None] - 1)
+    assert_close(got.text.double(), text, rtol=1e-5, atol=1e-7)
+    assert_close(got.vision.double(), vision, rtol=1e-5, atol=1e-7)
