@@ -48,6 +48,7 @@ from dapo_lightning.attention import (
 
 CAPTURE_KERNEL = "dapo_lightning_attention_capture"
 DEFAULT_CHUNK_ELEMENTS = 2**22  # scores per chunk: 16 MiB in float32
+GENERATION_FLUSH_STEPS = 32  # decode steps whose queries are reduced together
 
 
 def decoder_attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -189,6 +190,9 @@ class AttentionCapture:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._chunk is not None and exc[0] is None:
+            for layer in list(getattr(self, "_queued", {})):  # decode steps still waiting for their reduction
+                self._flush(layer)
         while self._installed:
             module, config = self._installed.pop()
             module.config = config
@@ -264,13 +268,31 @@ class AttentionCapture:
             row_exists=torch.ones(len(rows_t), self.text.shape[2], dtype=torch.bool, device=device),
         )
         self._decode_step: tuple[int, Tensor] | None = None
+        # Decode-step queries wait here and are reduced in one batched call per layer every
+        # GENERATION_FLUSH_STEPS steps (and at the end), against the keys cached by then: the
+        # causal mask keeps each query to the keys it saw. Memory: L x N x H x flush x d floats.
+        self._queued: dict[int, list[tuple[int, Tensor]]] = {}
+        self._latest: dict[int, tuple[Tensor, float | None, int | None]] = {}
 
     def before_decode_step(self, step: int, attention_mask: Tensor) -> None:
         """The next forward feeds completion token ``step``; ``attention_mask`` is its [N, P + step + 1] mask."""
         self._decode_step = (step, attention_mask)
 
+    def _flush(self, layer: int) -> None:
+        queued = self._queued.pop(layer, [])
+        if not queued:
+            return
+        key, scaling, sliding_window = self._latest[layer]
+        first = queued[0][0]
+        query = torch.cat([q for _, q in queued], dim=2)  # [N, H, k, d] consecutive decode steps
+        mask = self._decode_step[1]  # [N, P + t + 1] the newest step's mask covers every queued query's keys
+        self._store(layer, self._chunk, first, len(queued), *self._masses(
+            query, key, self._chunk, 0, first, len(queued), mask.bool(), scaling, sliding_window
+        ))
+
     def finish_generation(self, completion_mask: Tensor) -> None:
-        """Keep the rows that exist (r < C_i - 1) and trim to the rollout's completion width."""
+        """Reduce the queued decode steps, keep the rows that exist (r < C_i - 1), trim to the completion width."""
+        self._latest.clear()  # (queued steps were reduced when the context closed)
         R = max(completion_mask.shape[1] - 1, 0)
         exists = generation_rows(completion_mask).to(self.text.device)  # [N, R]
         self.text = torch.where(exists, self.text[:, :, :R], torch.zeros_like(self.text[:, :, :R]))
@@ -293,20 +315,25 @@ class AttentionCapture:
             return
         P, R = chunk.prompt_width, chunk.num_generation_rows
         decode = getattr(self, "_decode_step", None) if chunk.width < 0 else None
-        if chunk.width < 0:  # generation: one decode step, one generation row
+        if chunk.width < 0:  # generation: one decode step, one generation row, queued for a batched reduction
             if decode is None or query.shape[2] != 1 or key.shape[2] != P + decode[0] + 1:
                 return  # the prefill, or a forward outside the decode loop
-            step, mask = decode
-            offset, first, count, key_valid = 0, step, 1, mask.bool()
+            if decode[0] < self.text.shape[2]:
+                self._queued.setdefault(layer, []).append((decode[0], query.detach()))
+                self._latest[layer] = (key.detach(), scaling, sliding_window)
+                if len(self._queued[layer]) >= GENERATION_FLUSH_STEPS:
+                    self._flush(layer)
+            return
         elif query.shape[2] == key.shape[2] == chunk.width:
             offset, first, count, key_valid = P, 0, R, chunk.key_valid  # one forward over prompt + completion
         elif R and query.shape[2] == R and key.shape[2] == P + R:
             offset, first, count, key_valid = 0, 0, R, chunk.key_valid  # shared-prompt pass: completion queries only
         else:
             return  # another forward (a prompt-only pass)
-        if first >= self.text.shape[2]:
-            return
-        text, vision = self._masses(query, key, chunk, offset, first, count, key_valid, scaling, sliding_window)
+        self._store(layer, chunk, first, count,
+                    *self._masses(query, key, chunk, offset, first, count, key_valid, scaling, sliding_window))
+
+    def _store(self, layer: int, chunk: _Chunk, first: int, count: int, text: Tensor, vision: Tensor) -> None:
         exists = chunk.row_exists[:, first : first + count].to(text.device)
         device = self.text.device
         self.text[layer, chunk.rows, first : first + count] = torch.where(exists, text, torch.zeros_like(text)).to(device)

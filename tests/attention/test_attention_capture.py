@@ -243,10 +243,15 @@ def test_a_second_capture_on_the_same_model_is_refused(policy, processor, rollou
         assert not isinstance(module.config, _KernelConfig)
 
 
+@pytest.mark.parametrize("flush", [32, 3], ids=["one-reduction", "reduced-every-3-steps"])
 @pytest.mark.parametrize("variant", ["original", "paper"])
-def test_capture_during_generation_equals_brute_force(policy, processor, prompt_batch, tiny_model_dir, variant):
+def test_capture_during_generation_equals_brute_force(policy, processor, prompt_batch, tiny_model_dir, variant, flush,
+                                                      monkeypatch):
     """The decode steps' own queries (no second forward) give the same statistics as full attention matrices."""
+    from dapo_lightning import attention_capture
     from dapo_lightning.rollout import generate_shared
+
+    monkeypatch.setattr(attention_capture, "GENERATION_FLUSH_STEPS", flush)
 
     special = SpecialTokens.from_tokenizer(processor.tokenizer)
     token_ids = TokenIds.from_tokenizer(processor.tokenizer, policy.generation_config)
