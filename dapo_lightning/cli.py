@@ -5,7 +5,9 @@
     dapo-lightning fit --help        # every key, with its docstring
 
 Configs stack (the last one wins); callbacks are listed under ``trainer.callbacks``
-by ``class_path`` and can be removed from a YAML to ablate them.
+by ``class_path`` and can be removed from a YAML to ablate them. ``GracefulShutdown``
+is always added (its settings are under ``shutdown:``): SIGTERM and Ctrl-C save a
+resumable checkpoint after the current step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.graceful_shutdown import GracefulShutdown
 from dapo_lightning.checkpointing import check_same_config
 from dapo_lightning.data import DDMDataModule
 from dapo_lightning.module import DAPOModule
@@ -27,6 +30,8 @@ class DAPOLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data module encodes prompts with the policy's own processor.
         parser.link_arguments("model.policy.model_name_or_path", "data.processor")
+        # Every run stops cleanly on SIGTERM / Ctrl-C, with a resumable checkpoint (``shutdown.signals: []``: off).
+        parser.add_lightning_class_args(GracefulShutdown, "shutdown")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning replaces the model's config by the checkpoint's hyper-parameters, silently; a checkpoint
