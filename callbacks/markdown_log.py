@@ -320,11 +320,11 @@ class MarkdownRolloutLog(Callback):
             try:
                 probe_writable(self.folder, "Markdown log folder (MarkdownRolloutLog.dirpath)")
             except OSError as error:
-                problem = str(error)
+                problem = (error.errno, error.strerror)
         if getattr(trainer, "world_size", 1) > 1:  # every process fails alike (none waits for a dead rank 0)
             problem = trainer.strategy.broadcast(problem)
         if problem is not None:
-            raise OSError(problem)
+            raise OSError(*problem)
 
     @property
     def rollout_path(self) -> Path:

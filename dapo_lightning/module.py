@@ -204,7 +204,7 @@ class DAPOModule(LightningModule):
                 for what, folder in folders.items():
                     storage.probe_writable(folder, what)
             except OSError as error:
-                problem = str(error)
+                problem = (error.errno, error.strerror)
             free = storage.free_bytes(trainer.default_root_dir) if problem is None else None
             need = storage.checkpoint_bytes(self.policy) if self.policy is not None else 0
             if trainer.checkpoint_callbacks and free is not None and free < need:
@@ -212,7 +212,7 @@ class DAPOModule(LightningModule):
                                f"takes about {need / 2**30:.1f} GiB (and is written beside the previous one)")
         problem = trainer.strategy.broadcast(problem)
         if problem is not None:
-            raise OSError(problem)
+            raise OSError(*problem)
 
     def on_fit_start(self) -> None:
         self.check_output_folders()

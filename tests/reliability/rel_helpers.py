@@ -210,7 +210,8 @@ def fit(root: Path, module, model_dir, parquet, *, steps=-1, batches=3, callback
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, limit_train_batches=batches,
         default_root_dir=str(root), callbacks=callbacks, logger=TensorBoardLogger(str(root), name="tb"),
-        enable_checkpointing=bool(checkpoint_every), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_progress_bar=False,
+        enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
     )
     data = DDMDataModule(train_path=str(parquet), processor=str(model_dir), batch_size=2, eval_limit=2,
@@ -268,3 +269,8 @@ class ParamDigest(Callback):
         digest = sum(float(p.detach().double().abs().sum()) for p in module.policy.parameters())
         with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as f:
             json.dump({"global_step": trainer.global_step, "bad_steps": module.bad_steps, "digest": digest}, f)
+
+
+def raises_on_a(completions, **kwargs):
+    """Raises on any completion that does not start with A, B or C (most of the tiny model's)."""
+    return [1.0 if c[:1] in "ABC" else float({}["no such key"]) for c in completions]
