@@ -35,7 +35,7 @@ def pytest_runtest_setup(item):
     if marker is None:
         return
     params = {k: getattr(v, "__name__", v) for k, v in getattr(getattr(item, "callspec", None), "params", {}).items()}
-    area, case, check = (str(a).format(**params) for a in marker.args)
+    area, case, check = (str(a).format(**params) if params else str(a) for a in marker.args)
     item.user_properties.append(("reliability", json.dumps(row(area, case, check, "passed"))))
 
 
