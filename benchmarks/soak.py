@@ -2,8 +2,8 @@
 
 Trains the offline tiny Qwen2.5-VL on the synthetic colour questions with every callback
 on (attention metrics, token weights, reward warm-up, dynamic sampling, the replay
-buffer, the modality probe, Markdown logs every step, periodic checkpoints, graceful
-shutdown) under DDP with 2 processes on the CPU, and records each process's resident
+buffer, the modality probe, Markdown logs every step, a checkpoint every ``--every`` steps,
+validation every second sample, graceful shutdown) under DDP with 2 processes on the CPU, and records each process's resident
 memory (RSS, after ``gc.collect()``) every ``--every`` steps. It prints the table and the
 growth of each process after warm-up, (RSS at the end - RSS at the warm-up step) / RSS at
 the warm-up step; a leak (a replay buffer, a log, an attention capture that keeps
@@ -60,7 +60,7 @@ def config(out: Path, steps: int, every: int, devices: int, buffer: int) -> dict
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
-            "max_steps": steps, "default_root_dir": str(out / "run"), "val_check_interval": max(steps // 5, 1),
+            "max_steps": steps, "default_root_dir": str(out / "run"), "val_check_interval": 2 * every,
             "check_val_every_n_epoch": None, "limit_val_batches": 1, "num_sanity_val_steps": 0,
             "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [

@@ -7,7 +7,9 @@
 Configs stack (the last one wins); callbacks are listed under ``trainer.callbacks``
 by ``class_path`` and can be removed from a YAML to ablate them. ``GracefulShutdown``
 is always added (its settings are under ``shutdown:``): SIGTERM and Ctrl-C save a
-resumable checkpoint after the current step.
+resumable checkpoint after the current step. A ``ModelCheckpoint`` without ``dirpath``
+writes to ``<trainer.default_root_dir>/checkpoints``, the same folder in every run, so
+``--ckpt_path last`` finds the previous run's checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.graceful_shutdown import GracefulShutdown
@@ -32,6 +35,15 @@ class DAPOLightningCLI(LightningCLI):
         parser.link_arguments("model.policy.model_name_or_path", "data.processor")
         # Every run stops cleanly on SIGTERM / Ctrl-C, with a resumable checkpoint (``shutdown.signals: []``: off).
         parser.add_lightning_class_args(GracefulShutdown, "shutdown")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                # Lightning would use the logger's version folder, new in every run: the next run's
+                # ``--ckpt_path last`` would find nothing there and silently start from scratch.
+                callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         # Lightning replaces the model's config by the checkpoint's hyper-parameters, silently; a checkpoint

@@ -276,7 +276,7 @@ class DDMDataModule(LightningDataModule):
         num_workers: int = 0,
         max_prompt_length: int | None = None,
         on_bad_row: Literal["error", "skip"] = "error",
-        build_synthetic_if_missing: SyntheticData | None = None,
+        build_synthetic_if_missing: SyntheticData | dict | None = None,
     ):
         """
         Args:
@@ -307,6 +307,9 @@ class DDMDataModule(LightningDataModule):
             raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row: choose from error, skip; got {on_bad_row!r}")
+        if isinstance(build_synthetic_if_missing, SyntheticData):
+            # plain values in the checkpoint: a dataclass there would not load with weights_only=True (no resume)
+            build_synthetic_if_missing = asdict(build_synthetic_if_missing)
         self.save_hyperparameters()
         self.train_table = None
         self.eval_table = None

@@ -11,6 +11,7 @@ same table between them:
 
 from __future__ import annotations
 
+import html
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def row(area: str, case: str, check: str, outcome: str) -> dict:
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).replace("|", "\\|").split())
+    """One table cell: ``<``, ``>`` and ``&`` as entities (a README would read ``<name>`` as a tag), ``|`` escaped."""
+    return " ".join(html.escape(str(text), quote=False).replace("|", "\\|").split())
 
 
 def table(rows: list[dict]) -> str:

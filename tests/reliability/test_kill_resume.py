@@ -81,3 +81,34 @@ def test_a_kill_mid_checkpoint_write_leaves_the_previous_checkpoint_and_resumes(
     assert_same_parameters(policy_state(straight / "ckpt" / "last.ckpt"), policy_state(mid_write / "ckpt" / "last.ckpt"))
     # the resumed run's first save swept away the dead writer's partial file
     assert not [p for p in Path(mid_write / "ckpt").iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.reliability("Faults", "Resume with --ckpt_path last when ModelCheckpoint has no dirpath (TensorBoard "
+                         "logger: a new version folder per run)",
+                         "the CLI puts checkpoints in <default_root_dir>/checkpoints, so the second run resumes at "
+                         "step 2 instead of silently starting over")
+def test_last_is_found_without_a_checkpoint_dirpath(tmp_path, tiny_model_dir, synthetic_parquet):
+    config = cli_config(tmp_path, tiny_model_dir, synthetic_parquet, every=2)
+    del config["trainer"]["callbacks"][-1]["init_args"]["dirpath"]
+    path = write_config(tmp_path, config)
+    main(["fit", "--config", str(path), "--trainer.max_steps=2"])
+    main(["fit", "--config", str(path), "--ckpt_path", "last"])
+    folder = tmp_path / "run" / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+@pytest.mark.reliability("Faults", "Checkpoint of a run that builds its synthetic data (demo, cpu.yaml)",
+                         "the data module's settings are plain values, so the checkpoint loads with weights_only=True "
+                         "and the run can resume")
+def test_a_synthetic_data_run_checkpoints_plain_values(tmp_path):
+    import io
+
+    from dapo_lightning.data import DDMDataModule, SyntheticData
+
+    data = DDMDataModule(train_path=str(tmp_path / "x.parquet"), build_synthetic_if_missing=SyntheticData(rows=10))
+    buffer = io.BytesIO()
+    torch.save({"datamodule_hyper_parameters": dict(data.hparams)}, buffer)  # what Lightning's checkpoint holds
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["datamodule_hyper_parameters"]
+    assert loaded["build_synthetic_if_missing"]["rows"] == 10
