@@ -2,6 +2,7 @@
 
 from callbacks.attention_metrics import AttentionMetrics
 from callbacks.dynamic_sampling import DynamicSampling
+from callbacks.graceful_shutdown import GracefulShutdown
 from callbacks.markdown_log import MarkdownRolloutLog
 from callbacks.modality_probe import ModalityProbe
 from callbacks.replay_buffer import ReplayBuffer
@@ -11,6 +12,7 @@ from callbacks.token_weights import TokenWeights
 __all__ = [
     "AttentionMetrics",
     "DynamicSampling",
+    "GracefulShutdown",
     "MarkdownRolloutLog",
     "ModalityProbe",
     "ReplayBuffer",

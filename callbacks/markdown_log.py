@@ -17,6 +17,12 @@ backticks, ``</details>`` or a Markdown heading stays inside its sample.
 
 Only rank zero writes (it logs its own rows). Each logged step costs one string render
 and one appended write; the time spent is kept in ``seconds`` (see the benchmark).
+
+A step whose update was skipped for non-finite values says so, with the tensors and rows.
+When the run stops on an exception (a SIGTERM or Ctrl-C through ``GracefulShutdown``, an
+error), the latest step's section is written if ``every_n_steps`` had passed it over, so
+the log ends where the run did; to do that the latest rollout is kept until the next one
+replaces it. The folder is probe-written at set-up, and a failing write names the file.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from lightning.pytorch import Callback
 
 from dapo_lightning.attention import SEGMENTS
+from dapo_lightning.storage import probe_writable
 from dapo_lightning.rewards.accuracy import accuracy as accuracy_reward
 from dapo_lightning.rewards.format import format_reward
 
@@ -301,14 +308,23 @@ class MarkdownRolloutLog(Callback):
         self.seconds = 0.0  # time spent rendering and writing
         self.folder: Path | None = None
         self._eval: dict[str, Any] = {}
+        self._unwritten: tuple | None = None  # (rollout, step, metrics) of the latest step not written
 
     # --- paths -----------------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         folder = self.dirpath or trainer.log_dir or trainer.default_root_dir
         self.folder = Path(folder)
+        problem = None
         if trainer.is_global_zero:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                probe_writable(self.folder, "Markdown log folder (MarkdownRolloutLog.dirpath)")
+            except OSError as error:
+                problem = (error.errno, error.strerror)
+        if getattr(trainer, "world_size", 1) > 1:  # every process fails alike (none waits for a dead rank 0)
+            problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise OSError(*problem)
 
     @property
     def rollout_path(self) -> Path:
@@ -324,8 +340,11 @@ class MarkdownRolloutLog(Callback):
 
     def _append(self, path: Path, title: str, text: str) -> None:
         new = not path.exists()
-        with path.open("a", encoding="utf-8") as f:
-            f.write((f"# {title}\n\n" if new else "") + text)
+        try:
+            with path.open("a", encoding="utf-8") as f:
+                f.write((f"# {title}\n\n" if new else "") + text)
+        except OSError as error:  # a write error alone does not say which file
+            raise OSError(error.errno, f"cannot append to the Markdown log {path} ({error.strerror or error})") from error
 
     # --- training --------------------------------------------------------------------------------
 
@@ -334,7 +353,11 @@ class MarkdownRolloutLog(Callback):
             return
         due = self.train_rollouts % self.every_n_steps == 0
         self.train_rollouts += 1
-        if not due or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        # the latest step that was not written: its section is the log's tail when the run stops
+        self._unwritten = None if due else (rollout, trainer.global_step, metrics)
+        if not due:
             return
         start = time.perf_counter()
         tokenizer = getattr(pl_module, "tokenizer", None)
@@ -344,8 +367,11 @@ class MarkdownRolloutLog(Callback):
             self._append(self.token_weights_path, "Token weights", self.render_token_weights(rollout, step, tokenizer))
         self.seconds += time.perf_counter() - start
 
-    def render_step(self, rollout, step: int, metrics: dict[str, Any] | None, tokenizer) -> str:
-        parts = [f"## Step {step}\n"]
+    def render_step(self, rollout, step: int, metrics: dict[str, Any] | None, tokenizer, note: str = "") -> str:
+        parts = [f"## Step {step}{note}\n"]
+        if rollout.faults:
+            found = "; ".join(f.describe() for f in rollout.faults)
+            parts.append(f"**Skipped**: non-finite {cell(found)}\n")
         if metrics:
             shown = {k: metrics[k] for k in ("loss", "grad_norm", "entropy") if k in metrics}
             if shown:
@@ -447,6 +473,21 @@ class MarkdownRolloutLog(Callback):
         parts.extend(state["samples"])
         self._append(self.eval_path, "Evaluation", "\n".join(parts) + "\n")
         self.seconds += time.perf_counter() - start
+
+    # --- stopping ---------------------------------------------------------------------------------
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Write the latest step's section if it was not written (a stopped run's log ends at its last step)."""
+        pending, self._unwritten = getattr(self, "_unwritten", None), None
+        if pending is None or not trainer.is_global_zero or self.folder is None:
+            return
+        rollout, step, metrics = pending
+        try:
+            note = f" (written when the run stopped: {type(exception).__name__})"
+            self._append(self.rollout_path, "Rollouts",
+                         self.render_step(rollout, step, metrics, getattr(pl_module, "tokenizer", None), note))
+        except Exception as error:  # never hide the exception that stopped the run
+            print(f"MarkdownRolloutLog: could not write the log tail ({type(error).__name__}: {error})")
 
     # --- checkpointing ---------------------------------------------------------------------------
 

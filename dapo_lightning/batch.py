@@ -12,10 +12,13 @@ own prompt and image with its completions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from dapo_lightning.guards import Fault
 
 
 @dataclass
@@ -130,6 +133,8 @@ class RolloutBatch:
     replayed: Tensor | None = None  # [N] bool: row comes from the replay buffer
     extras: dict[str, Any] = field(default_factory=dict)  # per-row annotations by name, e.g. "vgr": [N] floats
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase ("generate", "score", ...)
+    faults: list[Fault] = field(default_factory=list)  # NaN/inf found in it (guards.py); its training step is skipped
+    reward_errors: dict[str, int] = field(default_factory=dict)  # samples per reward that raised and scored 0
 
     @property
     def num_rows(self) -> int:

@@ -5,7 +5,11 @@
     dapo-lightning fit --help        # every key, with its docstring
 
 Configs stack (the last one wins); callbacks are listed under ``trainer.callbacks``
-by ``class_path`` and can be removed from a YAML to ablate them.
+by ``class_path`` and can be removed from a YAML to ablate them. ``GracefulShutdown``
+is always added (its settings are under ``shutdown:``): SIGTERM and Ctrl-C save a
+resumable checkpoint after the current step. A ``ModelCheckpoint`` without ``dirpath``
+writes to ``<trainer.default_root_dir>/checkpoints``, the same folder in every run, so
+``--ckpt_path last`` finds the previous run's checkpoints.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.graceful_shutdown import GracefulShutdown
 from dapo_lightning.checkpointing import check_same_config
 from dapo_lightning.data import DDMDataModule
 from dapo_lightning.module import DAPOModule
@@ -27,6 +33,17 @@ class DAPOLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data module encodes prompts with the policy's own processor.
         parser.link_arguments("model.policy.model_name_or_path", "data.processor")
+        # Every run stops cleanly on SIGTERM / Ctrl-C, with a resumable checkpoint (``shutdown.signals: []``: off).
+        parser.add_lightning_class_args(GracefulShutdown, "shutdown")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                # Lightning would use the logger's version folder, new in every run: the next run's
+                # ``--ckpt_path last`` would find nothing there and silently start from scratch.
+                callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         # Lightning replaces the model's config by the checkpoint's hyper-parameters, silently; a checkpoint

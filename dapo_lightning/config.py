@@ -107,6 +107,8 @@ class RewardConfig:
     """Divide centred rewards by the group's std, the batch's std, or nothing."""
     soft_punish_cache: int = 50
     """Length reward: tokens before max_completion_length where the linear penalty starts."""
+    on_reward_error: Literal["raise", "zero"] = "raise"
+    """When a reward function raises: ``raise`` stops with an error naming the reward, the sample and its dataset row; ``zero`` scores the failing samples 0, counts them in ``train/reward_errors/<name>`` and goes on."""
 
     def __post_init__(self) -> None:
         _check(bool(self.reward_funcs), "model.rewards.reward_funcs", "must list at least one reward")
@@ -119,6 +121,7 @@ class RewardConfig:
             )
         _check(self.scale_rewards in SCALE_MODES, "model.rewards.scale_rewards", f"choose from {SCALE_MODES}")
         _check(self.soft_punish_cache >= 0, "model.rewards.soft_punish_cache", "must be >= 0")
+        _check(self.on_reward_error in ("raise", "zero"), "model.rewards.on_reward_error", "choose from raise, zero")
 
     @property
     def weights(self) -> list[float]:
@@ -174,6 +177,8 @@ class OptimConfig:
     """Optimizer steps per rollout (mu); above 1 the sampling policy's log-probs are computed once and kept."""
     micro_batch_size: int | None = None
     """Completions per forward/backward; the rollout's N = B*G rows are accumulated into one step (None: all at once)."""
+    max_bad_steps: int | None = 3
+    """A step with a NaN or inf in its rewards, advantages, log-probs, loss or gradients is skipped (no optimizer or scheduler step); after this many in a row the run saves a checkpoint and stops with an error (None: never stop)."""
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "model.optim.learning_rate", f"must be > 0, got {self.learning_rate}")
@@ -183,6 +188,11 @@ class OptimConfig:
             self.micro_batch_size is None or self.micro_batch_size >= 1,
             "model.optim.micro_batch_size",
             f"must be >= 1, got {self.micro_batch_size}",
+        )
+        _check(
+            self.max_bad_steps is None or self.max_bad_steps >= 1,
+            "model.optim.max_bad_steps",
+            f"must be >= 1 or null, got {self.max_bad_steps}",
         )
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,

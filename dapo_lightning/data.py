@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dapo_lightning import ddm
 from dapo_lightning.batch import PromptBatch
-from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages
+from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages, special_token_strings, special_tokens_in
 
 
 @dataclass
@@ -63,6 +63,10 @@ class DDMDataset(Dataset):
 class PromptCollator:
     """Turns dataset rows into a ``PromptBatch`` with the processor.
 
+    A row is unusable when its text fails ``ddm.check_text``, its problem holds one of the
+    tokenizer's special tokens (``prompts.special_tokens_in``), its image cannot be decoded
+    (``ddm.decode_image``), the processor cannot encode it (tried alone when a batch fails,
+    e.g. an image with an aspect ratio above 200), or its prompt is too long.
     With ``on_bad_row="error"`` an unusable row raises ``BadRow`` naming the file and row.
     With ``"skip"`` it is dropped and counted; when ``refill_from`` is given (training),
     the next usable row of that dataset takes its place, so every process keeps full
@@ -89,11 +93,16 @@ class PromptCollator:
         self.on_bad_row = on_bad_row
         self.refill_from = refill_from
         self._bad: set[int] = set()  # rows known to be unusable (not retried as replacements)
+        self._special = special_token_strings(getattr(processor, "tokenizer", None))
 
     def _prepare(self, row: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
         index = row["_index"]
         solution = ddm.check_text(row.get("problem"), row.get("solution"), source=self.source, row=index,
                                   require_options=True)
+        found = special_tokens_in(row["problem"], self._special)
+        if found:
+            raise ddm.BadRow(self.source, index, f"problem contains the special token(s) {', '.join(map(repr, found))}, "
+                             "which the tokenizer would read as control tokens, not text", ddm.CONTROL_TOKEN)
         image = ddm.decode_image(row.get("image"), source=self.source, row=index, max_side=self.max_image_side)
         text = self.processor.apply_chat_template(
             build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
@@ -110,6 +119,16 @@ class PromptCollator:
             if index not in taken and index not in self._bad:
                 return self.refill_from[index]
         return None
+
+    def _unencodable(self, texts: list[str], images: list) -> dict[int, str]:
+        """{position: why} of the rows the processor fails on alone."""
+        rejected = {}
+        for i, (text, image) in enumerate(zip(texts, images)):
+            try:
+                self.processor(text=[text], images=[image], padding=True, return_tensors="pt")
+            except Exception as error:
+                rejected[i] = f"the processor cannot encode it ({type(error).__name__}: {error})"
+        return rejected
 
     def __call__(self, rows: list[dict[str, Any]]) -> PromptBatch:
         pending = list(rows)
@@ -140,7 +159,17 @@ class PromptCollator:
                     raise ddm.BadRow(self.source, rows[0]["_index"], "no usable row is left to fill a batch")
                 return PromptBatch.empty().with_skipped(skipped)
             texts, images, kept = map(list, zip(*prepared))
-            encoded = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            try:
+                encoded = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            except Exception:
+                # e.g. an image of aspect ratio > 200: find the rows the processor rejects, one by one
+                rejected = self._unencodable(texts, images)
+                if not rejected:
+                    raise
+                for i, reason in rejected.items():
+                    drop(kept[i]["_index"], ddm.BadRow(self.source, kept[i]["_index"], reason, ddm.UNENCODABLE))
+                prepared = [item for i, item in enumerate(prepared) if i not in rejected]
+                continue
             lengths = encoded["attention_mask"].sum(-1).tolist()
             limit = self.max_prompt_length
             too_long = [i for i, n in enumerate(lengths) if limit is not None and n > limit]
@@ -247,7 +276,7 @@ class DDMDataModule(LightningDataModule):
         num_workers: int = 0,
         max_prompt_length: int | None = None,
         on_bad_row: Literal["error", "skip"] = "error",
-        build_synthetic_if_missing: SyntheticData | None = None,
+        build_synthetic_if_missing: SyntheticData | dict | None = None,
     ):
         """
         Args:
@@ -278,6 +307,9 @@ class DDMDataModule(LightningDataModule):
             raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row: choose from error, skip; got {on_bad_row!r}")
+        if isinstance(build_synthetic_if_missing, SyntheticData):
+            # plain values in the checkpoint: a dataclass there would not load with weights_only=True (no resume)
+            build_synthetic_if_missing = asdict(build_synthetic_if_missing)
         self.save_hyperparameters()
         self.train_table = None
         self.eval_table = None

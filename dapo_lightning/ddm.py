@@ -12,7 +12,8 @@ import io
 import re
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageFile
 
 COLUMNS = ("image", "problem", "solution")
 LETTERS = "ABCDEFGHIJ"
@@ -28,6 +29,9 @@ EMPTY_PROBLEM = "empty problem"
 BAD_SOLUTION = "solution not a letter"
 NO_OPTIONS = "no options"
 ANSWER_NOT_AMONG_OPTIONS = "answer not among options"
+IMAGE_TOO_LARGE = "image too large"
+CONTROL_TOKEN = "special token in text"
+UNENCODABLE = "processor cannot encode"
 
 
 class BadRow(ValueError):
@@ -63,8 +67,12 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
     """An RGB PIL image from a ``datasets.Image`` value (dict with bytes/path, PIL image, or raw bytes).
 
     Palette, alpha, CMYK and grayscale images are converted to RGB (alpha composited on
-    white). ``max_side`` shrinks the image to fit in ``max_side x max_side`` keeping its
-    aspect ratio (``Image.thumbnail``). Anything unreadable raises :class:`BadRow`.
+    white; 16-bit grayscale scaled to 8 bits, not clipped). ``max_side`` shrinks the image
+    to fit in ``max_side x max_side`` keeping its aspect ratio (``Image.thumbnail``).
+    Anything unreadable raises :class:`BadRow`: empty or truncated files (even when some
+    library has set Pillow's ``LOAD_TRUNCATED_IMAGES``), images whose header declares more
+    than ``MAX_IMAGE_PIXELS`` pixels (rejected before a byte of pixel data is decoded, so a
+    decompression bomb allocates nothing), and modes without an RGB meaning (32-bit float).
     """
     try:
         if value is None:
@@ -82,13 +90,18 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
                 raise BadRow(source, row, f"image has unsupported type {type(value).__name__}", UNREADABLE_IMAGE)
             if data is None and not path:
                 raise BadRow(source, row, "image is missing (no bytes and no path)", MISSING_IMAGE)
-            previous = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            if data is not None and len(data) == 0:
+                raise BadRow(source, row, "image is empty (0 bytes)", UNREADABLE_IMAGE)
+            previous = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = MAX_IMAGE_PIXELS, False
             try:
-                image = Image.open(io.BytesIO(data) if data is not None else path)
+                image = Image.open(io.BytesIO(data) if data is not None else path)  # reads the header only
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise BadRow(source, row, f"image is {image.width}x{image.height} pixels, more than "
+                                 f"{MAX_IMAGE_PIXELS} (a decompression bomb?)", IMAGE_TOO_LARGE)
                 image.load()
             finally:
-                Image.MAX_IMAGE_PIXELS = previous
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = previous
         if image.width == 0 or image.height == 0:
             raise BadRow(source, row, "image has zero size", UNREADABLE_IMAGE)
         image = _to_rgb(image)
@@ -108,7 +121,14 @@ def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
-    if image.mode == "P":
+    if image.mode == "F":
+        raise ValueError("image mode F (32-bit float) has no defined 8-bit range")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit samples (PNG's 16-bit grey opens as I;16, or I in older Pillow): keep the top 8 bits.
+        # Pillow's own conversion clips at 255 instead, turning most of a 16-bit image white.
+        samples = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(samples, 0, 65535) >> 8).astype(np.uint8))  # [H, W] uint8: mode L
+    if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
         background = Image.new("RGB", image.size, (255, 255, 255))

@@ -20,21 +20,23 @@ annotate the ``RolloutBatch`` at the hook points of ``hooks.py``.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from dapo_lightning import checkpointing, hooks
+from dapo_lightning import checkpointing, guards, hooks, storage
 from dapo_lightning.advantages import frac_zero_std
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import LoraSettings, LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
@@ -52,6 +54,12 @@ from dapo_lightning.rollout import (
     supports_shared_prompt,
 )
 from dapo_lightning.scoring import score
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteStepError(RuntimeError):
+    """``model.optim.max_bad_steps`` training steps in a row had a NaN or inf; a checkpoint was saved first."""
 
 
 def _coerce(cls, value):
@@ -115,6 +123,9 @@ class DAPOModule(LightningModule):
         self.val_rewards = torch.nn.ModuleDict({self._metric_key(s.name): MeanMetric() for s in self.reward_specs})
         self.accuracy_before_training: float | None = None
         self._rng_to_restore: dict | None = None
+        self.bad_steps = 0  # training steps skipped for non-finite values, in all
+        self.consecutive_bad_steps = 0
+        self._extra_faults: list[guards.Fault] = []  # faults of this step's extra train rollouts (dynamic sampling)
 
     # --- model ----------------------------------------------------------------------------------------
 
@@ -171,7 +182,41 @@ class DAPOModule(LightningModule):
 
     # --- fit-time checks --------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        # Before any checkpoint is read or written: crash-safe writes, weights_only reads (storage.py).
+        storage.install_atomic_checkpoint_io(self.trainer)
+
+    def check_output_folders(self) -> None:
+        """Probe-write every folder this run writes to (rank 0 writes them all); an error names the folder.
+
+        Every process raises the same error (a broadcast), so none waits forever for a dead rank 0.
+        """
+        trainer = self.trainer
+        problem = None
+        log_dir = trainer.log_dir if trainer.loggers else None  # a collective under DDP: every process asks
+        if trainer.is_global_zero:
+            folders = {"output folder (trainer.default_root_dir)": trainer.default_root_dir}
+            if log_dir:
+                folders["log folder"] = log_dir
+            for callback in trainer.checkpoint_callbacks:
+                if getattr(callback, "dirpath", None):
+                    folders["checkpoint folder"] = callback.dirpath
+            try:
+                for what, folder in folders.items():
+                    storage.probe_writable(folder, what)
+            except OSError as error:
+                problem = (error.errno, error.strerror)
+            free = storage.free_bytes(trainer.default_root_dir) if problem is None else None
+            need = storage.checkpoint_bytes(self.policy) if self.policy is not None else 0
+            if trainer.checkpoint_callbacks and free is not None and free < need:
+                rank_zero_warn(f"{free / 2**30:.1f} GiB free where this run writes; a checkpoint of this model "
+                               f"takes about {need / 2**30:.1f} GiB (and is written beside the previous one)")
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise OSError(*problem)
+
     def on_fit_start(self) -> None:
+        self.check_output_folders()
         provided = hooks.provided_extras(self.trainer)
         for spec, weight in zip(self.reward_specs, self.reward_cfg.weights):
             missing = [key for key in spec.needs if key not in provided]
@@ -193,9 +238,12 @@ class DAPOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning saves no generator state and only rank 0's copy: gather every rank's (index = rank).
         checkpoint["rng_states"] = checkpointing.gather_per_rank(checkpointing.capture_rng())
+        checkpoint["bad_steps"] = {"total": self.bad_steps, "consecutive": self.consecutive_bad_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_same_config(checkpoint.get("hyper_parameters"), self.hparams)
+        counts = checkpoint.get("bad_steps") or {}
+        self.bad_steps, self.consecutive_bad_steps = int(counts.get("total", 0)), int(counts.get("consecutive", 0))
         states = checkpoint.get("rng_states") or []
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._rng_to_restore = states[rank] if rank < len(states) else None
@@ -227,11 +275,13 @@ class DAPOModule(LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
+        self._extra_faults = []
         rollout = self.make_rollout(batch, stage="train")  # generate, annotate, score (hooks run inside)
-        metrics = self.update(rollout)  # num_iterations optimizer steps on the DAPO loss
+        metrics = self.update(rollout)  # num_iterations optimizer steps on the DAPO loss (skipped on NaN/inf)
         rollout.timings["step"] = time.perf_counter() - start
         hooks.call_hook(self.trainer, "on_rollout_update_end", self, rollout, metrics)
         self.log_rollout(rollout, metrics, skipped=batch.num_skipped)
+        self._stop_after_too_many_bad_steps(rollout)
 
     def sampling(self, stage: str) -> SamplingSettings:
         cfg = self.rollout_cfg
@@ -287,7 +337,10 @@ class DAPOModule(LightningModule):
                 "soft_punish_cache": self.reward_cfg.soft_punish_cache,
             },
             batch_std=self._global_std if stage == "train" else None,  # validation shards are uneven: no collectives
+            on_reward_error=self.reward_cfg.on_reward_error,
         )
+        if stage == "train" and tag is not None:  # groups of extra rollouts (dynamic sampling) may join the step's
+            self._extra_faults.extend(replace(f, tensor=f"{tag}: {f.tensor}") for f in rollout.faults)
         rollout.timings["score"] = time.perf_counter() - start
         hooks.call_hook(self.trainer, "on_rollout_scored", self, rollout)
         return rollout
@@ -356,7 +409,15 @@ class DAPOModule(LightningModule):
             return self.completion_logps(rollout, rows).logps
 
     def update(self, rollout: RolloutBatch) -> dict[str, float]:
-        """``num_iterations`` optimizer steps of the DAPO loss over the rollout, in micro-batches."""
+        """``num_iterations`` optimizer steps of the DAPO loss over the rollout, in micro-batches.
+
+        Non-finite values (``guards.py``) skip the step: no optimizer step, gradients dropped,
+        and no scheduler step either, so the learning-rate schedule follows the optimizer
+        steps actually taken (Lightning's ``global_step`` counts those too, so a skipped step
+        does not count towards ``max_steps``). The faults are logged with their rows and
+        kept in ``rollout.faults``. The decision is all-reduced, so every process skips
+        together (DDP would otherwise diverge).
+        """
         start = time.perf_counter()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         cfg = self.loss_cfg
@@ -369,7 +430,9 @@ class DAPOModule(LightningModule):
         normalizer = self._global_sum(rollout.completion_mask.sum().float()) / self.trainer.world_size
         totals: dict[str, float] = {}
         tokens_seen = 0.0
-        for iteration in range(self.optim_cfg.num_iterations):
+        faults = [*rollout.faults, *getattr(self, "_extra_faults", []), *guards.rollout_faults(rollout)]
+        skipped = self._any_process(bool(faults))
+        for iteration in range(0 if skipped else self.optim_cfg.num_iterations):
             for rows in chunks:
                 lp = self.completion_logps(rollout, rows, with_entropy=iteration == 0)
                 width = lp.logps.shape[1]
@@ -392,7 +455,12 @@ class DAPOModule(LightningModule):
                     beta=cfg.beta,
                     ref_logps=None if rollout.ref_logps is None else rollout.ref_logps[idx, :width],
                 )
-                self.manual_backward(out.loss * scale)
+                chunk_faults = guards.row_fault("logps", lp.logps.detach(), lp.mask, rows)
+                if not torch.isfinite(out.loss.detach()):
+                    chunk_faults.append(guards.Fault("loss", tuple(rows)))
+                faults += [f.located(rollout.prompts.index, rollout.num_generations) for f in chunk_faults]
+                # a bad micro-batch back-propagates zero instead (same number of backward passes on every process)
+                self.manual_backward(self._zero_loss() if chunk_faults else out.loss * scale)
                 if iteration == 0:
                     n = float(out.num_tokens)
                     tokens_seen += n
@@ -401,14 +469,61 @@ class DAPOModule(LightningModule):
                         totals[key] = totals.get(key, 0.0) + float(value) * n
                     totals["entropy"] = totals.get("entropy", 0.0) + float((lp.entropy * lp.mask).sum())
             for _ in range(padding_chunks):
-                self.manual_backward(sum((p * 0).sum() for p in self.policy.parameters() if p.requires_grad))
+                self.manual_backward(self._zero_loss())
+            gradients = guards.gradient_fault(self.policy.named_parameters())
+            faults += [gradients] if gradients is not None else []
+            if self._any_process(bool(faults)):
+                optimizer.zero_grad(set_to_none=True)
+                skipped = True
+                break
             totals.setdefault("grad_norm", self._clip_gradients(optimizer))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+        rollout.faults = faults
+        self._count_step(skipped, faults, rollout)
         metrics = {k: (v if k in ("loss", "grad_norm") else v / max(tokens_seen, 1.0)) for k, v in totals.items()}
+        metrics["bad_steps"] = float(self.bad_steps)
         rollout.timings["update"] = time.perf_counter() - start
         return metrics
+
+    def _zero_loss(self) -> Tensor:
+        return sum((p * 0).sum() for p in self.policy.parameters() if p.requires_grad)
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process (one all-reduce under DDP)."""
+        value = torch.tensor(float(flag), device=self.device)
+        if self._distributed():
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value > 0)
+
+    def _count_step(self, skipped: bool, faults: list[guards.Fault], rollout: RolloutBatch) -> None:
+        if not skipped:
+            self.consecutive_bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.consecutive_bad_steps += 1
+        found = "; ".join(f.describe() for f in faults) or "on another process"
+        log.warning(rank_prefixed_message(
+            f"step {self.global_step}: skipped ({self.consecutive_bad_steps} in a row), non-finite {found}",
+            self.global_rank,
+        ))
+
+    def _stop_after_too_many_bad_steps(self, rollout: RolloutBatch) -> None:
+        limit = self.optim_cfg.max_bad_steps
+        if limit is None or self.consecutive_bad_steps < limit:
+            return
+        folder = next((Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)),
+                      Path(self.trainer.default_root_dir))
+        path = folder / f"bad-steps-step={self.global_step}.ckpt"
+        self.trainer.save_checkpoint(path)  # every process: the decision was all-reduced
+        found = "; ".join(f.describe() for f in rollout.faults) or "on another process"
+        raise NonFiniteStepError(
+            f"{self.consecutive_bad_steps} training steps in a row had non-finite values (model.optim.max_bad_steps="
+            f"{limit}); the last: {found}. Skipped steps leave the weights as they were: the state is saved to "
+            f"{path}. Find the cause (a reward returning NaN or inf, a too high model.optim.learning_rate, "
+            f"bfloat16 overflow), then resume with --ckpt_path {path}"
+        )
 
     def _clip_gradients(self, optimizer) -> float:
         max_norm = self.optim_cfg.max_grad_norm
@@ -487,6 +602,8 @@ class DAPOModule(LightningModule):
         metrics["completion_tokens_per_second"] = torch.tensor(tokens / step_time if step_time > 0 else math.nan)
         metrics["learning_rate"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         metrics["skipped_rows"] = torch.tensor(float(skipped))
+        for name in rollout.reward_names:
+            metrics[f"reward_errors/{name}"] = torch.tensor(float(rollout.reward_errors.get(name, 0)))
         for phase, seconds in rollout.timings.items():
             metrics[f"time/{phase}"] = torch.tensor(seconds)
         metrics = self._reduce_across_ranks(metrics)
@@ -508,7 +625,7 @@ class DAPOModule(LightningModule):
                 out[key] = column.min()
             elif key.endswith("/max"):
                 out[key] = column.max()
-            elif key == "skipped_rows":
+            elif key == "skipped_rows" or key.startswith("reward_errors/"):
                 out[key] = column.sum()
             else:
                 out[key] = column.nanmean()
