@@ -6,8 +6,9 @@ the loss then uses A_i · w_{i,t} in place of A_i (``DAPOModule.update``).
 
 - ``variant="inverse_vgr"`` (the original code's, default): w = 1/(token VGR), optionally
   Gaussian-smoothed along the completion, divided by its mean over the completion's
-  tokens and clipped to ``clip``; ``topk_ratio`` keeps only each completion's top fraction
-  of weights and sets the rest to 1.
+  tokens and clipped to ``clip``; ``topk_ratio`` (default 0.4, SPEC 4) keeps only each
+  completion's top fraction of weights and sets the rest to 1 (``null``: every token, as
+  the original's final loss did).
 - ``variant="vision_share"`` (the paper's): w = the token's vision share of attention,
   normalised to sum 1 over the completion (no clip, no top-k).
 
@@ -33,6 +34,7 @@ from dapo_lightning.attention import token_vgr_weights, token_vision_share_weigh
 
 TOKEN_WEIGHT_VARIANTS = ("inverse_vgr", "vision_share")
 DEFAULT_CLIP = (0.2, 3.0)
+DEFAULT_TOPK_RATIO = 0.4
 
 
 class TokenWeights(Callback):
@@ -43,7 +45,7 @@ class TokenWeights(Callback):
         variant: str = "inverse_vgr",
         smooth_sigma: float = 0.0,
         clip: tuple[float, float] | None = DEFAULT_CLIP,
-        topk_ratio: float | None = None,
+        topk_ratio: float | None = DEFAULT_TOPK_RATIO,
         histogram_every_n_steps: int = 10,
     ):
         """
@@ -53,7 +55,8 @@ class TokenWeights(Callback):
             clip: Clamp of the mean-normalised weights, (low, high); None: no clamp. ``inverse_vgr`` only
                 (``vision_share`` leaves the default unused and refuses another value).
             topk_ratio: Reweight only each completion's top fraction of tokens by weight, the rest get 1
-                (None: every token, as the original's loss did). ``inverse_vgr`` only.
+                (None: every token, as the original's final loss did). ``inverse_vgr`` only (``vision_share``
+                leaves the default unused and refuses another value).
             histogram_every_n_steps: Log a TensorBoard histogram of the weights every n training rollouts (0: never).
         """
         if variant not in TOKEN_WEIGHT_VARIANTS:
@@ -66,7 +69,9 @@ class TokenWeights(Callback):
                 raise ValueError(f"TokenWeights.clip: need 0 <= low <= high, got {clip}")
         if topk_ratio is not None and not 0 < topk_ratio <= 1:
             raise ValueError(f"TokenWeights.topk_ratio: must be in (0, 1] or null, got {topk_ratio}")
-        if variant == "vision_share" and (topk_ratio is not None or (clip is not None and clip != DEFAULT_CLIP)):
+        if variant == "vision_share" and (
+            topk_ratio not in (None, DEFAULT_TOPK_RATIO) or (clip is not None and clip != DEFAULT_CLIP)
+        ):
             raise ValueError(
                 "TokenWeights: clip and topk_ratio apply to variant inverse_vgr; the paper's vision_share "
                 "weights sum to 1 over a completion and are used as they are"

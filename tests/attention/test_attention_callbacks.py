@@ -182,7 +182,7 @@ def test_token_weights_off_is_the_core_loss_bit_for_bit_and_on_changes_the_updat
     for name, callbacks in (
         ("core", []),
         ("off", [AttentionMetrics(), MarkdownRolloutLog()]),  # capture and logs, no TokenWeights
-        ("on", [AttentionMetrics(), TokenWeights(clip=(0.5, 2.0))]),
+        ("on", [AttentionMetrics(), TokenWeights(clip=(0.5, 2.0), topk_ratio=None)]),  # every token: sums kept
     ):
         probe = Probe()
         module = make_module(tiny_model_dir, rewards=(LENGTH,), T=6)
@@ -248,13 +248,19 @@ def _hand_rollout(replayed):
 
 
 def test_token_weights_are_one_for_replayed_rows_padding_and_last_tokens():
-    weights = TokenWeights(clip=None).weights(_hand_rollout([False, False]))
+    weights = TokenWeights(clip=None, topk_ratio=None).weights(_hand_rollout([False, False]))
     # row 0: [180, 45, 120] / 115 (see test_attention_formulas), last token 1; row 1: one generation row -> 1, then 1s
     assert_close(
         weights, torch.tensor([[180 / 115, 45 / 115, 120 / 115, 1.0], [1.0, 1.0, 1.0, 1.0]]), atol=1e-5, rtol=0
     )
-    replayed = TokenWeights(clip=None).weights(_hand_rollout([True, False]))
+    replayed = TokenWeights(clip=None, topk_ratio=None).weights(_hand_rollout([True, False]))
     assert_close(replayed, torch.ones(2, 4))
+
+
+def test_token_weights_reweight_the_top_40_percent_by_default():
+    # SPEC 4: token_weights_topk_ratio defaults to 0.4; row 0 has 3 weighted tokens, max(1, floor(0.4 * 3)) = 1 stays
+    weights = TokenWeights(clip=None).weights(_hand_rollout([False, False]))
+    assert_close(weights, torch.tensor([[180 / 115, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), atol=1e-5, rtol=0)
 
 
 def test_token_weight_arguments_are_checked():
@@ -263,7 +269,7 @@ def test_token_weight_arguments_are_checked():
     with pytest.raises(ValueError, match="TokenWeights.topk_ratio"):
         TokenWeights(topk_ratio=1.5)
     with pytest.raises(ValueError, match="apply to variant inverse_vgr"):
-        TokenWeights(variant="vision_share", topk_ratio=0.4)
+        TokenWeights(variant="vision_share", topk_ratio=0.2)
     with pytest.raises(ValueError, match="AttentionMetrics.every_n_steps"):
         AttentionMetrics(every_n_steps=0)
     assert math.isclose(
