@@ -194,3 +194,28 @@ def test_fit_ckpt_path_last_through_the_cli(tmp_path, tiny_model_dir, synthetic_
     assert resumed["global_step"] == 4
     buffer = next(v for k, v in resumed["callbacks"].items() if k.startswith("ReplayBuffer"))
     assert buffer["per_rank"][0]["counter"] > 0  # the buffer went on filling after the resume
+
+
+def test_a_resume_at_an_epoch_boundary_continues_exactly(tmp_path, tiny_model_dir, synthetic_parquet):
+    """Epochs of 2 steps: the step-2 checkpoint is the end of epoch 0, and the resumed run's epoch 1 is the straight
+    run's (the sampler's next shuffle, dynamic sampling's and the buffer's generators, the weights)."""
+
+    def run_epochs(root, *, stop_after=None, ckpt_path=None):
+        cbs = [*callbacks(root), *([StopAfter(stop_after)] if stop_after else [])]
+        module = make_module(tiny_model_dir, rewards=REWARDS, weights=[1.0, 1.0])
+        trainer = fit(root, module, make_data(synthetic_parquet, tiny_model_dir), steps=4, callbacks=cbs,
+                      checkpoint=True, ckpt_path=ckpt_path, limit_train_batches=2)
+        return trainer, module, cbs[4].steps
+
+    _, straight, straight_log = run_epochs(tmp_path / "straight")
+    run_epochs(tmp_path / "split", stop_after=2)
+    trainer, resumed, resumed_log = run_epochs(tmp_path / "split",
+                                               ckpt_path=str(tmp_path / "split" / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert trainer.global_step == 4 and trainer.current_epoch == 2 and len(resumed_log) == 2
+    assert straight_log[0]["index"] != straight_log[2]["index"]  # epoch 1 is a new shuffle, not a replay of epoch 0
+    for s, r in zip(straight_log[2:], resumed_log):
+        assert r["index"] == s["index"]
+        torch.testing.assert_close(r["rewards"], s["rewards"], rtol=0, atol=0)
+    a, b = parameters(straight), parameters(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
