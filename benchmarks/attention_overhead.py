@@ -70,7 +70,6 @@ def _child(args) -> None:
     from lightning.pytorch import Callback, Trainer, seed_everything
 
     from callbacks import AttentionMetrics, MarkdownRolloutLog
-    from dapo_lightning import hooks
     from dapo_lightning.attention import (
         CapturedAttention,
         SpecialTokens,
@@ -84,7 +83,6 @@ def _child(args) -> None:
     from dapo_lightning.data import DDMDataModule
     from dapo_lightning.module import DAPOModule
     from dapo_lightning.rollout import completion_mask_from_eos
-    from dapo_lightning.scoring import score
 
     torch.set_num_threads(1)
 
@@ -99,7 +97,7 @@ def _child(args) -> None:
     class Original(FullLength):
         """The original system: attention kept from generate(output_attentions=True), rows collected per step."""
 
-        def make_rollout(self, batch, stage):
+        def sample(self, batch, stage, tag=None):
             start = time.perf_counter()
             settings = self.sampling(stage)
             with self._eval_mode(), torch.no_grad():
@@ -158,21 +156,6 @@ def _child(args) -> None:
             report = attention_report(captured)
             rollout.extras.update(vgr=report.reward_vgr.tolist(), attention=report, attention_tokens=captured)
             rollout.timings["attention"] = time.perf_counter() - start
-            rollout.reward_names = [s.name for s in self.reward_specs]
-            rollout.reward_weights = torch.tensor(self.reward_cfg.weights, dtype=torch.float32, device=self.device)
-            hooks.call_hook(self.trainer, "on_rollout_generated", self, rollout)
-            start = time.perf_counter()
-            score(
-                rollout,
-                self.reward_specs,
-                scale_rewards=self.reward_cfg.scale_rewards,
-                extra_kwargs={
-                    "max_completion_length": self.rollout_cfg.max_completion_length,
-                    "soft_punish_cache": self.reward_cfg.soft_punish_cache,
-                },
-            )
-            rollout.timings["score"] = time.perf_counter() - start
-            hooks.call_hook(self.trainer, "on_rollout_scored", self, rollout)
             return rollout
 
     class ProvidesVGR(Callback):
@@ -227,7 +210,8 @@ def _child(args) -> None:
         export_final=False,
     )
     meter = StepMeter()
-    markdown = MarkdownRolloutLog(dirpath=tempfile.mkdtemp(prefix="bench-md-"), every_n_steps=2)
+    scratch = tempfile.TemporaryDirectory(prefix="bench-attention-")  # removed when the child exits
+    markdown = MarkdownRolloutLog(dirpath=os.path.join(scratch.name, "markdown"), every_n_steps=2)
     callbacks = [ProvidesVGR()] if original else [EveryOtherRollout(), markdown]
     warmup = 1 if original else 2  # ours: one step of each kind
     data = DDMDataModule(train_path=str(args.data), processor=str(args.model), batch_size=args.batch_size)
@@ -242,7 +226,7 @@ def _child(args) -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[*callbacks, meter],
-        default_root_dir=tempfile.mkdtemp(prefix="bench-run-"),
+        default_root_dir=os.path.join(scratch.name, "run"),
     )
     trainer.fit(module, data)
     on_steps = max(sum(1 for step in meter.steps if step["config"] == "on"), 1)

@@ -296,13 +296,8 @@ class DAPOModule(LightningModule):
             greedy=greedy,
         )
 
-    def make_rollout(self, batch: PromptBatch, stage: str, tag: str | None = None) -> RolloutBatch:
-        """Sample completions for ``batch`` and score them; callbacks run at their hook points.
-
-        ``tag`` marks a rollout a callback asked for besides the step's own (``rollout.tag``):
-        callbacks that act once per step (replay buffer, logs) skip tagged rollouts.
-        """
-        start = time.perf_counter()
+    def sample(self, batch: PromptBatch, stage: str, tag: str | None = None) -> RolloutBatch:
+        """G completions per prompt from the policy (in eval mode, no grad), with the generation captures on."""
         settings = self.sampling(stage)
         captures = []
         if decodes_with_hooks(self.policy, self.rollout_cfg.shared_prompt):
@@ -316,11 +311,20 @@ class DAPOModule(LightningModule):
                 for capture in captures:
                     capture.before_decode_step(step, attention_mask)
 
-            rollout = generate(self.policy, batch, self.tokenizer, settings, self.token_ids, stage=stage,
-                               shared_prompt=self.rollout_cfg.shared_prompt,
-                               on_decode_step=on_decode_step if captures else None)
+            return generate(self.policy, batch, self.tokenizer, settings, self.token_ids, stage=stage,
+                            shared_prompt=self.rollout_cfg.shared_prompt,
+                            on_decode_step=on_decode_step if captures else None)
+
+    def make_rollout(self, batch: PromptBatch, stage: str, tag: str | None = None) -> RolloutBatch:
+        """Sample completions for ``batch`` and score them; callbacks run at their hook points.
+
+        ``tag`` marks a rollout a callback asked for besides the step's own (``rollout.tag``):
+        callbacks that act once per step (replay buffer, logs) skip tagged rollouts.
+        """
+        start = time.perf_counter()
+        rollout = self.sample(batch, stage, tag)
         rollout.tag = tag
-        rollout.timings["generate"] = time.perf_counter() - start
+        rollout.timings.setdefault("generate", time.perf_counter() - start)
         rollout.reward_names = [s.name for s in self.reward_specs]
         rollout.reward_weights = torch.tensor(self.reward_cfg.weights, dtype=torch.float32, device=self.device)
         start = time.perf_counter()
