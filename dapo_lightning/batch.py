@@ -133,6 +133,8 @@ class RolloutBatch:
     replayed: Tensor | None = None  # [N] bool: row comes from the replay buffer
     extras: dict[str, Any] = field(default_factory=dict)  # per-row annotations by name, e.g. "vgr": [N] floats
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase ("generate", "score", ...)
+    # the step's own sampled rows as scored, before callbacks replaced groups (replay, dynamic sampling): train only
+    sampled: dict[str, float] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)  # NaN/inf found in it (guards.py); its training step is skipped
     reward_errors: dict[str, int] = field(default_factory=dict)  # samples per reward that raised and scored 0
 

@@ -346,6 +346,8 @@ class DAPOModule(LightningModule):
         if stage == "train" and tag is not None:  # groups of extra rollouts (dynamic sampling) may join the step's
             self._extra_faults.extend(replace(f, tensor=f"{tag}: {f.tensor}") for f in rollout.faults)
         rollout.timings["score"] = time.perf_counter() - start
+        if stage == "train" and tag is None:
+            rollout.sampled = self.sampled_metrics(rollout)
         hooks.call_hook(self.trainer, "on_rollout_scored", self, rollout)
         return rollout
 
@@ -598,8 +600,21 @@ class DAPOModule(LightningModule):
             metrics[f"reward_weights/{name}"] = rollout.reward_weights[k]
         return metrics
 
+    def sampled_metrics(self, rollout: RolloutBatch) -> dict[str, float]:
+        """What the policy did on this step's fresh prompts: logged as ``train/sampled/*``.
+
+        ``train/reward_mean`` and ``train/accuracy`` describe the batch that was trained on, into
+        which the replay buffer and dynamic sampling swap groups (kept for their high or varied
+        rewards); these do not, so their curves compare across those ablations.
+        """
+        metrics = {"reward_mean": float(rollout.rewards.mean()), "accuracy": float(self.rollout_accuracy(rollout).mean())}
+        if rollout.num_generations >= 2:
+            metrics["frac_reward_zero_std"] = float(frac_zero_std(rollout.rewards, rollout.num_generations))
+        return metrics
+
     def log_rollout(self, rollout: RolloutBatch, update: dict[str, float], skipped: int = 0) -> None:
         metrics = {k: v.detach().float().cpu() for k, v in self.rollout_metrics(rollout).items()}
+        metrics.update({f"sampled/{k}": torch.tensor(v) for k, v in rollout.sampled.items()})
         tokens = float(rollout.completion_mask.sum())
         step_time = rollout.timings.get("step", math.nan)
         metrics.update({k: torch.tensor(float(v)) for k, v in update.items()})
