@@ -17,6 +17,7 @@ writes only rank 0's copy of everything. Resuming a run exactly needs both:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -129,3 +130,45 @@ def check_same_config(saved: Any, current: Any, *, source: str = "the checkpoint
                 f"{key}: {source} was trained with {before!r}, this configuration has {now!r}; resume with the "
                 f"configuration the checkpoint was made with, or start a new run"
             )
+
+
+# Settings the optimizer's and the scheduler's saved states carry: a resume keeps the checkpoint's.
+OPTIMIZER_STATE_KEYS = ("learning_rate", "lr_scheduler", "warmup_ratio", "adam_betas", "adam_epsilon", "weight_decay")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"optim.learning_rate": ...}`` from nested dicts, dataclasses or jsonargparse namespaces."""
+    if hasattr(value, "as_dict"):  # jsonargparse Namespace
+        value = value.as_dict()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict) or (prefix and not value):
+        return {prefix: _plain(value)} if prefix else {}
+    out = {}
+    for key, item in value.items():
+        if not str(key).startswith("_"):
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def changed_settings(saved: Any, current: Any) -> list[tuple[str, Any, Any]]:
+    """``(model.<key>, checkpoint's value, this configuration's value)`` for every setting that differs."""
+    if not saved:
+        return []
+    before, now = _flat(saved), _flat(current)
+    return [(f"model.{key}", before.get(key), now.get(key)) for key in sorted(before.keys() | now.keys())
+            if before.get(key) != now.get(key)]
+
+
+def describe_changed_settings(changes: list[tuple[str, Any, Any]]) -> str | None:
+    """The warning for a resume whose configuration differs from the checkpoint's (None: nothing differs)."""
+    if not changes:
+        return None
+    lines = [f"{key}: {before!r} in the checkpoint, {now!r} now" for key, before, now in changes]
+    kept = [key for key, _, _ in changes if key.split(".")[-1] in OPTIMIZER_STATE_KEYS and key.startswith("model.optim.")]
+    message = "resuming with settings that differ from the checkpoint's (this configuration's are used):\n  " + \
+        "\n  ".join(lines)
+    if kept:
+        message += (f"\n{', '.join(kept)}: the optimizer and learning-rate scheduler states restored from the checkpoint "
+                    "keep the values they were saved with; start a new run from the exported weights to change them")
+    return message

@@ -46,14 +46,15 @@ class DAPOLightningCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning replaces the model's config by the checkpoint's hyper-parameters, silently; a checkpoint
-        # of another experiment (other model, LoRA, rewards, group size) is an error naming the key instead.
+        # Lightning would replace the model's config by the checkpoint's hyper-parameters, silently, and only for
+        # a file path (not for ``last``). Here the configuration given is used as given, whichever path: a
+        # checkpoint of another experiment (other model, LoRA, rewards, group size) is an error naming the key,
+        # and other differences are listed in a warning when the checkpoint loads (DAPOModule.on_load_checkpoint).
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
             check_same_config(saved, self.config[subcommand].get("model"), source=f"checkpoint {ckpt_path}")
-        super()._parse_ckpt_path()
 
 
 def main(args: list[str] | None = None) -> None:

@@ -242,6 +242,9 @@ class DAPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_same_config(checkpoint.get("hyper_parameters"), self.hparams)
+        changes = checkpointing.changed_settings(checkpoint.get("hyper_parameters"), self.hparams)
+        if message := checkpointing.describe_changed_settings(changes):
+            rank_zero_warn(message)
         counts = checkpoint.get("bad_steps") or {}
         self.bad_steps, self.consecutive_bad_steps = int(counts.get("total", 0)), int(counts.get("consecutive", 0))
         states = checkpoint.get("rng_states") or []

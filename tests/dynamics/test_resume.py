@@ -167,8 +167,7 @@ def test_the_cli_refuses_a_checkpoint_of_another_experiment(straight_and_resumed
         main(["fit", "--config", str(config), "--ckpt_path", str(split_dir / "ckpt" / "epoch=0-step=2.ckpt")])
 
 
-def test_fit_ckpt_path_last_through_the_cli(tmp_path, tiny_model_dir, synthetic_parquet):
-    """The documented command: ``dapo-lightning fit --config ... --ckpt_path last``."""
+def cli_config(tmp_path, tiny_model_dir, synthetic_parquet):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "seed_everything": 0,
@@ -187,6 +186,12 @@ def test_fit_ckpt_path_last_through_the_cli(tmp_path, tiny_model_dir, synthetic_
                   "rewards": {"reward_funcs": list(REWARDS)}, "export_final": False},
         "data": {"train_path": str(synthetic_parquet), "batch_size": 2, "system_prompt": None},
     }))
+    return config
+
+
+def test_fit_ckpt_path_last_through_the_cli(tmp_path, tiny_model_dir, synthetic_parquet):
+    """The documented command: ``dapo-lightning fit --config ... --ckpt_path last``."""
+    config = cli_config(tmp_path, tiny_model_dir, synthetic_parquet)
     main(["fit", "--config", str(config), "--trainer.max_steps=2"])
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
     main(["fit", "--config", str(config), "--ckpt_path", "last"])
@@ -219,3 +224,20 @@ def test_a_resume_at_an_epoch_boundary_continues_exactly(tmp_path, tiny_model_di
     a, b = parameters(straight), parameters(resumed)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_resume_uses_the_given_configuration_and_names_what_differs(tmp_path, tiny_model_dir, synthetic_parquet):
+    """An explicit checkpoint file behaves like ``last``: the configuration given wins (Lightning's CLI would take
+    the checkpoint's settings instead, silently), and the differences are listed."""
+    config = cli_config(tmp_path, tiny_model_dir, synthetic_parquet)
+    main(["fit", "--config", str(config), "--trainer.max_steps=2"])
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    with pytest.warns(UserWarning, match="resuming with settings that differ") as caught:
+        main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--model.rollout.temperature=0.7",
+              "--model.optim.learning_rate=1e-7"])
+    message = next(str(w.message) for w in caught if "resuming with settings" in str(w.message))
+    assert "model.rollout.temperature: 1.0 in the checkpoint, 0.7 now" in message
+    assert "model.optim.learning_rate: the optimizer and learning-rate scheduler states" in message
+    assert "max_completion_length" not in message  # only what differs
+    resumed = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4 and resumed["hyper_parameters"]["rollout"]["temperature"] == 0.7
