@@ -132,8 +132,9 @@ def check_same_config(saved: Any, current: Any, *, source: str = "the checkpoint
             )
 
 
-# Settings the optimizer's and the scheduler's saved states carry: a resume keeps the checkpoint's.
-OPTIMIZER_STATE_KEYS = ("learning_rate", "lr_scheduler", "warmup_ratio", "adam_betas", "adam_epsilon", "weight_decay")
+# Settings the optimizer's and the scheduler's saved states carry (AdamW's param groups, LambdaLR's base_lrs): a
+# resume keeps the checkpoint's. The schedule's shape (lr_scheduler, warmup_ratio) is rebuilt from the configuration.
+OPTIMIZER_STATE_KEYS = ("learning_rate", "adam_betas", "adam_epsilon", "weight_decay")
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
