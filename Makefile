@@ -32,6 +32,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/attention_overhead.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/peer_trl.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/demo_seeds.py
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.soak
 
 clean:
 	rm -rf $(VENV) .cache runs
