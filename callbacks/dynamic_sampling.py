@@ -8,7 +8,8 @@ section 3.2) over-samples prompts and keeps only groups with 0 < correct < G. He
 2. if fewer than B of its groups are *kept* (``keep_if="reward_std"``: the unbiased std
    of the total rewards exceeds ``epsilon``; ``keep_if="accuracy"``: 0 < correct < G),
    the callback draws ``ceil(oversample_factor * B)`` more prompts from the training
-   set with its own seeded sampler (this rank's shard only) and rolls them out through
+   set with its own seeded sampler (under DDP from the rows the data loader gives this rank
+   in this epoch, so no other rank trains on them) and rolls them out through
    ``module.make_rollout(..., tag="dynamic_sampling")``, so rewards, reward weights and
    attention annotations are computed exactly as for the step's own prompts;
 3. it repeats at most ``max_tries`` times, then trains on B groups: the kept groups in
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from callbacks.groups import assemble, check_runs_after_row_readers, group_record
 from dapo_lightning import checkpointing
@@ -156,12 +158,22 @@ class DynamicSampling(Callback):
         """``count`` prompts of this rank's shard of the training set, encoded and on the module's device."""
         loader = trainer.train_dataloader
         dataset, collate = loader.dataset, loader.collate_fn
-        rank, world = trainer.global_rank, trainer.world_size
-        shard = torch.arange(rank, len(dataset), world)
+        shard = self._shard(trainer, loader, len(dataset))
         picks = shard[torch.randperm(len(shard), generator=self._generator)[: min(count, len(shard))]]
         batch = collate([dataset[int(i)] for i in picks])
         batch = trainer.precision_plugin.convert_input(batch)
         return trainer.strategy.batch_to_device(batch)
+
+    @staticmethod
+    def _shard(trainer, loader, length: int) -> Tensor:
+        """The rows this rank may draw: under DDP the loader's own shard of this epoch (no other rank trains on
+        them this epoch), else every row."""
+        rank, world = trainer.global_rank, trainer.world_size
+        sampler = getattr(loader, "sampler", None)
+        if world > 1 and isinstance(sampler, DistributedSampler) and sampler.num_replicas == world:
+            # the base class's order for the sampler's epoch: the whole shard, whatever a resume skips
+            return torch.tensor(sorted(set(DistributedSampler.__iter__(sampler))), dtype=torch.long)
+        return torch.arange(rank, length, world)
 
     # --- checkpoint -----------------------------------------------------------------------------------
 

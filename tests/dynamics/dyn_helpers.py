@@ -113,11 +113,18 @@ class RankRecorder(Callback):
     def __init__(self, path: str):
         self.path = path
         self.steps, self.val_index, self.loader = [], [], []
+        self.shards = {}  # epoch -> the rows the data loader gives this rank in that epoch
+        self.drawn = []  # the prompts of dynamic sampling's extra rounds
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        from torch.utils.data import DistributedSampler
+
         self.loader.append(list(batch.index))
+        self.shards[trainer.current_epoch] = sorted(DistributedSampler.__iter__(trainer.train_dataloader.sampler))
 
     def on_rollout_scored(self, trainer, module, rollout):
+        if rollout.stage == "train" and rollout.tag == "dynamic_sampling":
+            self.drawn.append({"index": list(rollout.prompts.index), "epoch": trainer.current_epoch})
         if rollout.stage == "train" and rollout.tag is None:
             self.steps.append({"index": list(rollout.prompts.index), "rows": rollout.num_rows,
                                "width": int(rollout.completion_ids.shape[1]),
@@ -133,4 +140,5 @@ class RankRecorder(Callback):
 
         with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as f:
             json.dump({"steps": self.steps, "val_index": self.val_index, "loader": self.loader,
-                       "world_size": trainer.world_size}, f)
+                       "world_size": trainer.world_size, "shards": self.shards,
+                       "drawn": self.drawn}, f)

@@ -84,10 +84,15 @@ def test_every_rank_trains_its_own_prompts_with_equal_shapes(ddp_runs):
     for a, b in zip(rank0["steps"], rank1["steps"]):
         assert a["rows"] == b["rows"] == 2 * 4  # B groups of G on every rank, replayed or not
         assert a["micro_batches"] == b["micro_batches"] == 3  # 8 rows in chunks of 3: equal all-reduce counts
-    for rank, record in enumerate((rank0, rank1)):
+    for rank, (record, other) in enumerate(((rank0, rank1), (rank1, rank0))):
+        assert record["drawn"]  # dynamic sampling did roll out extra prompts
+        for draw in record["drawn"]:
+            mine, theirs = record["shards"][str(draw["epoch"])], other["shards"][str(draw["epoch"])]
+            # drawn from the rows the loader gives this rank this epoch, never from another rank's
+            assert set(draw["index"]) <= set(mine) and set(draw["index"]).isdisjoint(theirs), (draw, rank)
         for step, loader in zip(record["steps"], record["loader"]):
             extra = [i for i, replayed in zip(step["index"], step["replayed"]) if i not in loader and not replayed]
-            assert all(i % 2 == rank for i in extra)  # dynamic sampling draws from this rank's shard only
+            assert set(extra) <= {i for draw in record["drawn"] for i in draw["index"]}  # kept groups come from there
     for loader0, loader1 in zip(rank0["loader"], rank1["loader"]):
         assert set(loader0).isdisjoint(loader1)  # the loader's per-rank shards
 
