@@ -14,6 +14,7 @@ writes to ``<trainer.default_root_dir>/checkpoints``, the same folder in every r
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -57,8 +58,18 @@ class DAPOLightningCLI(LightningCLI):
             check_same_config(saved, self.config[subcommand].get("model"), source=f"checkpoint {ckpt_path}")
 
 
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger" line, printed at every fit start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisement) for f in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_NoAdvertisement())
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         DAPOLightningCLI(

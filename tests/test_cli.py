@@ -55,6 +55,7 @@ def test_demo_config_trains_logs_and_exports(tmp_path):
     # the offline model and data were built on first use, then the run evaluated before and after training
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "data.parquet").exists()
     assert "[eval] before training: accuracy" in output and "[eval] step 3: accuracy" in output
+    assert "GPU available:" in output and "litlogger" not in output  # Lightning's messages, less its advertisement
     tags = scalar_tags(tmp_path / "run")
     missing = [t for t in REQUIRED_SCALARS if t not in tags]
     assert not missing, f"missing scalars {missing}; logged: {sorted(tags)}"
