@@ -21,13 +21,24 @@ from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.graceful_shutdown import GracefulShutdown
 from dapo_lightning.checkpointing import check_same_config
 from dapo_lightning.data import DDMDataModule
 from dapo_lightning.module import DAPOModule
+
+
+class StepBoundedRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without "Epoch 6/-2" in a run bounded by ``max_steps`` (max_epochs -1)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        text = f"Epoch {current_epoch}"
+        return f"{text:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
 
 
 class DAPOLightningCLI(LightningCLI):
@@ -44,6 +55,9 @@ class DAPOLightningCLI(LightningCLI):
                 # Lightning would use the logger's version folder, new in every run: the next run's
                 # ``--ckpt_path last`` would find nothing there and silently start from scratch.
                 callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+        for callback in trainer.callbacks:
+            if type(callback) is RichProgressBar:  # the same bar and settings; only its epoch label differs
+                callback.__class__ = StepBoundedRichProgressBar
         return trainer
 
     def _parse_ckpt_path(self) -> None:

@@ -125,3 +125,29 @@ def test_bad_reward_weights_fail_before_loading_anything(tmp_path):
     assert result.returncode != 0
     assert "model.rewards.reward_weights: has 2 weights but model.rewards.reward_funcs has 1" in result.stderr
     assert not (tmp_path / "final").exists()
+
+
+def test_the_progress_bar_does_not_show_a_negative_epoch_count(tmp_path, tiny_model_dir, synthetic_parquet):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from dapo_lightning.cli import DAPOLightningCLI, StepBoundedRichProgressBar
+    from dapo_lightning.data import DDMDataModule
+    from dapo_lightning.module import DAPOModule
+
+    stock = Trainer(max_steps=5, callbacks=[RichProgressBar()], logger=False, default_root_dir=tmp_path)
+    stock.fit_loop.max_epochs = -1  # what fit() makes of max_epochs=None when max_steps bounds the run
+    stock.progress_bar_callback.setup(stock, None, "fit")
+    assert "/-2" in stock.progress_bar_callback._get_train_description(3)  # Lightning's label
+    args = [a for a in demo_overrides(tmp_path)[1:] if a != "--trainer.enable_progress_bar=false"]
+    args = [a.replace(str(tmp_path / "model"), str(tiny_model_dir)).replace(str(tmp_path / "data.parquet"),
+                                                                             str(synthetic_parquet)) for a in args]
+    cli = DAPOLightningCLI(DAPOModule, DDMDataModule, args=args, run=False, auto_configure_optimizers=False)
+    bar = cli.trainer.progress_bar_callback
+    cli.trainer.fit_loop.max_epochs = -1
+    bar.setup(cli.trainer, cli.model, "fit")
+    assert type(bar) is StepBoundedRichProgressBar
+    assert bar._get_train_description(3).strip() == "Epoch 3"
+    by_epochs = Trainer(max_epochs=4, callbacks=[StepBoundedRichProgressBar()], logger=False, default_root_dir=tmp_path)
+    by_epochs.progress_bar_callback.setup(by_epochs, None, "fit")
+    assert by_epochs.progress_bar_callback._get_train_description(1).strip() == "Epoch 1/3"  # unchanged
