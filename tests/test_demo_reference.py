@@ -1,8 +1,8 @@
-"""The redesign changes no behaviour: the demo's 50 fixed-seed steps end with the recorded parameters.
+"""The redesign changes no behaviour: fixed-seed runs end where the recorded runs ended.
 
-The reference (``tests/reference/demo_50_steps.json``) was recorded before the architecture
-redesign of issue 11 with torch 2.13.0 on the CPU; ``python -m tests.reference.demo_fingerprint
---write`` re-records it when a change of behaviour is intended (say so in the commit).
+The references (``tests/reference/*.json``) were recorded before the architecture redesign of
+issue 11, with torch 2.13.0 on the CPU; ``python -m tests.reference.demo_fingerprint --write``
+re-records them when a change of behaviour is intended (say so in the commit).
 """
 
 from __future__ import annotations
@@ -12,21 +12,41 @@ import json
 import pytest
 import torch
 
-from tests.reference.demo_fingerprint import REFERENCE, STEPS, fingerprint, run_demo
+from tests.reference.demo_fingerprint import REFERENCES, STEPS, fingerprint, markdown_digests, run, scalars
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, values in expected.items():
+        torch.testing.assert_close(
+            torch.tensor(actual[name], dtype=torch.float64), torch.tensor(values, dtype=torch.float64),
+            rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 @pytest.mark.slow
 def test_demo_run_ends_with_the_recorded_parameters(tmp_path):
-    reference = json.loads(REFERENCE.read_text())
-    assert reference["steps"] == STEPS
-    final = run_demo(tmp_path)
-    actual = fingerprint(final)
-    assert sorted(actual) == sorted(reference["tensors"])
-    for name, expected in reference["tensors"].items():
-        torch.testing.assert_close(
-            torch.tensor(actual[name], dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
-            rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}",
-        )
+    reference = json.loads(REFERENCES["demo"].read_text())
+    assert reference["steps"] == STEPS["demo"] == 50
+    run_folder = run("demo", tmp_path)
+    assert_same_tensors(fingerprint(run_folder / "final"), reference["tensors"])
     # the run trained: the initial weights are far from the reference
     initial = fingerprint(tmp_path / "model")
     assert max(abs(a - b) for k in initial for a, b in zip(initial[k], reference["tensors"][k])) > 1e-3
+
+
+@pytest.mark.slow
+def test_every_callback_run_ends_with_the_recorded_parameters_scalars_and_logs(tmp_path):
+    reference = json.loads(REFERENCES["every_callback"].read_text())
+    run_folder = run("every_callback", tmp_path)
+    assert_same_tensors(fingerprint(run_folder / "final"), reference["tensors"])
+    logged = scalars(run_folder)
+    assert sorted(logged) == sorted(reference["scalars"])
+    for tag, points in reference["scalars"].items():
+        torch.testing.assert_close(torch.tensor(logged[tag], dtype=torch.float64),
+                                   torch.tensor(points, dtype=torch.float64), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, tag=tag: f"{tag}: {m}")
+    # groups really moved: replay and dynamic sampling acted in the recorded run
+    assert max(v for _, v in reference["scalars"]["train/replay/replaced_groups"]) > 0
+    assert max(v for _, v in reference["scalars"]["train/dynamic_sampling/rounds"]) > 1
+    assert markdown_digests(run_folder) == reference["markdown"]
