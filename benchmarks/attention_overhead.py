@@ -69,7 +69,7 @@ def _child(args) -> None:
     import torch
     from lightning.pytorch import Callback, Trainer, seed_everything
 
-    from callbacks import AttentionMetrics, MarkdownRolloutLog
+    from dapo_lightning.callbacks import AttentionMetrics, MarkdownRolloutLog
     from dapo_lightning.attention import (
         CapturedAttention,
         SpecialTokens,
@@ -269,8 +269,8 @@ def _teacher_forced_cpu_seconds(module, rollout, repeats: int) -> dict[str, floa
 
 
 def _build_assets(cache: Path) -> tuple[Path, Path]:
-    from data_prep.synthetic import SyntheticConfig, ensure_parquet
-    from data_prep.tiny_model import ensure_tiny_model
+    from dapo_lightning.data_prep.synthetic import SyntheticConfig, ensure_parquet
+    from dapo_lightning.data_prep.tiny_model import ensure_tiny_model
 
     model = ensure_tiny_model(cache / "models" / "small", size="small")
     data = ensure_parquet(cache / "data" / "synthetic-224.parquet", SyntheticConfig(rows=64, seed=0, image_size=224))

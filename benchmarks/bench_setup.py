@@ -1,7 +1,7 @@
 """What both systems of ``peer_trl`` train on: the benchmark shapes, their offline models and their data.
 
 Everything is built offline into the benchmark's cache folder, through the
-project's own builders (``data_prep.tiny_model``, ``data_prep.synthetic``), so the
+project's own builders (``dapo_lightning.data_prep.tiny_model``, ``dapo_lightning.data_prep.synthetic``), so the
 two systems load the same checkpoint folder with the same ``from_pretrained``
 calls and see the same questions in the same order.
 """
@@ -20,7 +20,7 @@ class Shape:
     """One benchmark configuration: which model, how many image tokens, how long the prompt is."""
 
     name: str
-    arch: str  # "small": data_prep.tiny_model's small size; "3b": Qwen2.5-VL-3B's shape, random weights
+    arch: str  # "small": dapo_lightning.data_prep.tiny_model's small size; "3b": Qwen2.5-VL-3B's shape, random weights
     image_side: int  # square pixel budget: (image_side / 28) ** 2 image tokens per image
     prompt_tokens: int | None  # cut the system prompt (whole words) so the longest prompt has at most this many tokens
     description: str
@@ -85,8 +85,8 @@ def model_folder(cache: Path, shape: Shape, dtype: str) -> Path:
 
 
 def _build_small(out: Path, image_side: int) -> None:
-    """``data_prep.tiny_model``'s small model (with the system prompt's words), its pixel budget set to ``image_side``."""
-    from data_prep.tiny_model import SIZES, build_image_processor, build_tiny_model
+    """``dapo_lightning.data_prep.tiny_model``'s small model (with the system prompt's words), its pixel budget set to ``image_side``."""
+    from dapo_lightning.data_prep.tiny_model import SIZES, build_image_processor, build_tiny_model
 
     from dapo_lightning.models import load_processor
 
@@ -121,7 +121,7 @@ def _build_3b(out: Path, image_side: int, dtype: str) -> None:
     all of its work, which is what the timing needs.
     """
     import torch
-    from data_prep.tiny_model import CHAT_TEMPLATE, SIZES, build_image_processor, build_tokenizer
+    from dapo_lightning.data_prep.tiny_model import CHAT_TEMPLATE, SIZES, build_image_processor, build_tokenizer
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     from dapo_lightning.models import ImageOnlyQwenVLProcessor, resolve_dtype
@@ -145,7 +145,7 @@ def _build_3b(out: Path, image_side: int, dtype: str) -> None:
 
 def question_rows(shape: Shape, count: int, seed: int = 0) -> list[dict]:
     """``count`` synthetic DDM rows (image bytes, problem, solution) with ``shape.image_side`` pixel images."""
-    from data_prep.synthetic import SyntheticConfig, generate_rows
+    from dapo_lightning.data_prep.synthetic import SyntheticConfig, generate_rows
 
     return generate_rows(SyntheticConfig(rows=count, seed=seed, image_size=shape.image_side))
 

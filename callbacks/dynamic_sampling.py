@@ -41,7 +41,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from callbacks.groups import assemble, check_runs_after_row_readers, group_record
+from dapo_lightning.callbacks.groups import assemble, check_runs_after_row_readers, group_record
 from dapo_lightning import checkpointing
 
 TAG = "dynamic_sampling"

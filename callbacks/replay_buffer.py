@@ -37,7 +37,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from callbacks.groups import assemble, check_runs_after_row_readers, group_record
+from dapo_lightning.callbacks.groups import assemble, check_runs_after_row_readers, group_record
 from dapo_lightning import checkpointing
 
 
@@ -109,7 +109,7 @@ class ReplayBuffer(Callback):
     # --- set-up ---------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from callbacks.dynamic_sampling import DynamicSampling
+        from dapo_lightning.callbacks.dynamic_sampling import DynamicSampling
 
         callbacks = list(trainer.callbacks)
         mine = callbacks.index(self)

@@ -93,7 +93,7 @@ class TokenWeights(Callback):
         if missing:
             raise ValueError(
                 f"TokenWeights needs per-token attention statistics ({', '.join(missing)}) that no callback provides; "
-                "add callbacks.AttentionMetrics to trainer.callbacks"
+                "add dapo_lightning.callbacks.AttentionMetrics to trainer.callbacks"
             )
 
     def weights(self, rollout) -> torch.Tensor:

@@ -14,6 +14,7 @@ writes to ``<trainer.default_root_dir>/checkpoints``, the same folder in every r
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
@@ -23,8 +24,9 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.graceful_shutdown import GracefulShutdown
+from dapo_lightning.shutdown import GracefulShutdown
 from dapo_lightning.checkpointing import check_same_config
 from dapo_lightning.data import DDMDataModule
 from dapo_lightning.module import DAPOModule
@@ -48,6 +50,14 @@ class DAPOLightningCLI(LightningCLI):
         # Every run stops cleanly on SIGTERM / Ctrl-C, with a resumable checkpoint (``shutdown.signals: []``: off).
         parser.add_lightning_class_args(GracefulShutdown, "shutdown")
 
+    def before_instantiate_classes(self) -> None:
+        # The offline model and data a config asks for (``build_tiny_if_missing``, ``build_synthetic_if_missing``)
+        # are built by the functions registered under OFFLINE_FIXTURES (``dapo_lightning.data_prep.fixtures``):
+        # the library itself never imports the scripts that build them.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        build_offline_fixtures(config.as_dict() if hasattr(config, "as_dict") else dict(config))
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
@@ -70,6 +80,16 @@ class DAPOLightningCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_file():
             saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
             check_same_config(saved, self.config[subcommand].get("model"), source=f"checkpoint {ckpt_path}")
+
+
+OFFLINE_FIXTURES = "dapo_lightning.offline_fixtures"  # entry-point group, see setup.cfg
+
+
+def build_offline_fixtures(config: dict) -> None:
+    """Run every registered fixture builder on ``config`` (a fit config as a dict); rank 0 reports what was written."""
+    for entry in importlib.metadata.entry_points(group=OFFLINE_FIXTURES):
+        for what in entry.load()(config) or []:
+            rank_zero_info(f"wrote {what}")
 
 
 class _NoAdvertisement(logging.Filter):

@@ -1,7 +1,7 @@
 """``DDMDataModule``: the merged multiple-choice parquet -> batches of encoded prompts.
 
 Rows are read from a local parquet file (or a ``datasets`` hub name), checked with
-the same rules as ``python -m data_prep validate`` (``ddm.py``), turned into RGB
+the same rules as ``python -m dapo_lightning.data_prep validate`` (``ddm.py``), turned into RGB
 images that fit ``max_image_side``, wrapped in the ChatML prompt (SPEC section 1)
 and encoded by the policy's processor into a ``PromptBatch``.
 
@@ -319,21 +319,9 @@ class DDMDataModule(LightningDataModule):
 
     # --- loading -----------------------------------------------------------------------------------
 
-    def prepare_data(self) -> None:
-        spec = self.hparams.build_synthetic_if_missing
-        path = self.hparams.train_path
-        if spec is not None and path and not Path(path).exists():
-            from data_prep.synthetic import SyntheticConfig, ensure_parquet
-
-            settings = asdict(spec) if not isinstance(spec, dict) else dict(spec)
-            types = settings.pop("question_types") or ("colour", "shape", "count")
-            ensure_parquet(path, SyntheticConfig(question_types=tuple(types), **settings))
-            rank_zero_info(f"wrote synthetic questions to {path}")
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_table is not None:
             return
-        self.prepare_data()  # idempotent; on multi-node every node needs the file
         table, source = self._load(self.hparams.train_path, self.hparams.dataset_name, self.hparams.dataset_split)
         self.source = source
         if self.hparams.eval_path:

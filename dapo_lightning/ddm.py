@@ -2,7 +2,7 @@
 
 One row per question: ``image`` (a ``datasets.Image`` value: bytes and/or path),
 ``problem`` (question, then one ``X: option`` line per option) and ``solution``
-(the correct letter). The data module and ``python -m data_prep validate`` use the
+(the correct letter). The data module and ``python -m dapo_lightning.data_prep validate`` use the
 same checks, so a file that validates is a file that trains.
 """
 

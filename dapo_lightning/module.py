@@ -114,7 +114,6 @@ class DAPOModule(LightningModule):
         )
         self.automatic_optimization = False
         self.reward_specs = [get_reward_spec(name) for name in self.reward_cfg.reward_funcs]
-        self._build_offline_policy_if_missing()
         self.policy = None
         self.processor = None
         self._reference: list = []  # frozen copy for beta > 0, kept out of the state dict
@@ -128,15 +127,6 @@ class DAPOModule(LightningModule):
         self._extra_faults: list[guards.Fault] = []  # faults of this step's extra train rollouts (dynamic sampling)
 
     # --- model ----------------------------------------------------------------------------------------
-
-    def _build_offline_policy_if_missing(self) -> None:
-        size = self.policy_cfg.build_tiny_if_missing
-        path = Path(self.policy_cfg.model_name_or_path)
-        if size and not path.exists():
-            from data_prep.tiny_model import ensure_tiny_model
-
-            ensure_tiny_model(path, size=size)
-            rank_zero_info(f"wrote the offline {size} Qwen2.5-VL to {path}")
 
     def configure_model(self) -> None:
         if self.policy is not None:

@@ -1,4 +1,4 @@
-"""``python -m data_prep COMMAND ...`` (also the ``dapo-data`` console script): build the DDM training set.
+"""``python -m dapo_lightning.data_prep COMMAND ...`` (also the ``dapo-data`` console script): build the DDM training set.
 
 Each command is a module with its own ``main(argv) -> int`` and ``--help``; this
 file only dispatches, importing the chosen module lazily so ``--help`` is quick.
@@ -13,27 +13,28 @@ import sys
 
 # command -> (module, one line for the overview)
 COMMANDS = {
-    "aokvqa": ("data_prep.aokvqa", "A-OKVQA (hub or local files) -> DDM parquet"),
-    "visrag-arxivqa": ("data_prep.visrag_arxivqa", "VisRAG ArxivQA (corpus + queries + qrels) -> DDM parquet"),
-    "mmmu-pro": ("data_prep.mmmu_pro", "MMMU-Pro standard (4 or 10 options) -> DDM parquet"),
-    "merge": ("data_prep.merge", "concatenate DDM files: dedup, per-source caps, seeded shuffle"),
-    "validate": ("data_prep.validate", "check a DDM parquet is a usable training set"),
-    "synthetic": ("data_prep.synthetic", "synthetic coloured-shape questions (offline demo data)"),
-    "tiny-model": ("data_prep.tiny_model", "a tiny random Qwen2.5-VL checkpoint (offline tests)"),
+    "aokvqa": ("dapo_lightning.data_prep.aokvqa", "A-OKVQA (hub or local files) -> DDM parquet"),
+    "visrag-arxivqa": ("dapo_lightning.data_prep.visrag_arxivqa", "VisRAG ArxivQA (corpus + queries + qrels) -> DDM parquet"),
+    "mmmu-pro": ("dapo_lightning.data_prep.mmmu_pro", "MMMU-Pro standard (4 or 10 options) -> DDM parquet"),
+    "merge": ("dapo_lightning.data_prep.merge", "concatenate DDM files: dedup, per-source caps, seeded shuffle"),
+    "validate": ("dapo_lightning.data_prep.validate", "check a DDM parquet is a usable training set"),
+    "synthetic": ("dapo_lightning.data_prep.synthetic", "synthetic coloured-shape questions (offline demo data)"),
+    "tiny-model": ("dapo_lightning.data_prep.tiny_model", "a tiny random Qwen2.5-VL checkpoint (offline tests)"),
+    "fixtures": ("dapo_lightning.data_prep.fixtures", "the offline model and data a fit config asks for, if missing"),
 }
 
 
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [
-        "usage: python -m data_prep COMMAND [options]   (or: dapo-data COMMAND [options])",
+        "usage: python -m dapo_lightning.data_prep COMMAND [options]   (or: dapo-data COMMAND [options])",
         "",
         "Build the multiple-choice image training set (SPEC section 1: image, problem, solution).",
         "",
         "commands:",
         *(f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()),
         "",
-        "python -m data_prep COMMAND --help shows a command's options.",
+        "python -m dapo_lightning.data_prep COMMAND --help shows a command's options.",
     ]
     return "\n".join(lines)
 

@@ -8,8 +8,8 @@ of ``correct_choice_idx``. The test split has no ``correct_choice_idx``; its row
 drop as "answer not among options". ``--question-ids`` keeps only the listed
 questions (e.g. the subset the original DDM used).
 
-    python -m data_prep aokvqa --hub HuggingFaceM4/A-OKVQA --split train --out data/aokvqa.parquet
-    python -m data_prep aokvqa --input aokvqa-train.parquet --question-ids keep.txt --out data/aokvqa.parquet
+    python -m dapo_lightning.data_prep aokvqa --hub HuggingFaceM4/A-OKVQA --split train --out data/aokvqa.parquet
+    python -m dapo_lightning.data_prep aokvqa --input aokvqa-train.parquet --question-ids keep.txt --out data/aokvqa.parquet
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dapo_lightning.ddm import LETTERS
-from data_prep.pipeline import (
+from dapo_lightning.data_prep.pipeline import (
     ANSWER_NOT_AMONG_OPTIONS,
     NOT_SELECTED,
     Drop,
@@ -34,7 +34,7 @@ from data_prep.pipeline import (
     run_reported,
     source_from_args,
 )
-from data_prep.sources import check_fields, count_rows, iter_records
+from dapo_lightning.data_prep.sources import check_fields, count_rows, iter_records
 
 NAME = "aokvqa"
 FIELDS = ("question_id", "image", "question", "choices", "correct_choice_idx")
@@ -59,7 +59,7 @@ def read_question_ids(path: Path) -> frozenset[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep aokvqa",
+        prog="python -m dapo_lightning.data_prep aokvqa",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

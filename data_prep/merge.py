@@ -14,7 +14,7 @@ it; images are not decoded again (the converters did; ``validate`` does).
   stays bounded: rows are spilled to temporary bucket files by output position,
   then each bucket is sorted and written in turn.
 
-    python -m data_prep merge aokvqa=data/aokvqa.parquet data/arxivqa.parquet mmmu=data/mmmu4.parquet mmmu=data/mmmu10.parquet \\
+    python -m dapo_lightning.data_prep merge aokvqa=data/aokvqa.parquet data/arxivqa.parquet mmmu=data/mmmu4.parquet mmmu=data/mmmu10.parquet \\
         --dedup --cap aokvqa=5000 --shuffle --seed 42 --out data/ddm.parquet
 """
 
@@ -36,9 +36,9 @@ from typing import Any
 import pyarrow as pa
 
 from dapo_lightning.ddm import COLUMNS
-from data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
-from data_prep.pipeline import Drop, DropReport, finish_row, positive_int, progress_bar
-from data_prep.sources import LOCAL_SUFFIXES, InputError, Record, SchemaError, Source, check_fields, iter_records
+from dapo_lightning.data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
+from dapo_lightning.data_prep.pipeline import Drop, DropReport, finish_row, positive_int, progress_bar
+from dapo_lightning.data_prep.sources import LOCAL_SUFFIXES, InputError, Record, SchemaError, Source, check_fields, iter_records
 
 NAME = "merge"
 # Shuffle spills to at most this many bucket files at once (open file handles).
@@ -243,7 +243,7 @@ def _print_summary(counts: dict[str, SourceCounts], report: DropReport) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep merge",
+        prog="python -m dapo_lightning.data_prep merge",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -12,8 +12,8 @@ Multi-image items are counted ("multi-image") and skipped; ``--multi-image first
 keeps them with their first image instead. ``<image 1>`` placeholders stay in
 the text. (The ``vision`` config has no ``question`` field and is refused.)
 
-    python -m data_prep mmmu-pro --hub MMMU/MMMU_Pro --config "standard (10 options)" --split test --out data/mmmu10.parquet
-    python -m data_prep mmmu-pro --input mmmu-pro-standard4.parquet --out data/mmmu4.parquet
+    python -m dapo_lightning.data_prep mmmu-pro --hub MMMU/MMMU_Pro --config "standard (10 options)" --split test --out data/mmmu10.parquet
+    python -m dapo_lightning.data_prep mmmu-pro --input mmmu-pro-standard4.parquet --out data/mmmu4.parquet
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from dapo_lightning.ddm import LETTERS
-from data_prep.pipeline import (
+from dapo_lightning.data_prep.pipeline import (
     ANSWER_NOT_AMONG_OPTIONS,
     MISSING_IMAGE,
     MULTI_IMAGE,
@@ -38,7 +38,7 @@ from data_prep.pipeline import (
     run_reported,
     source_from_args,
 )
-from data_prep.sources import check_fields, count_rows, iter_records
+from dapo_lightning.data_prep.sources import check_fields, count_rows, iter_records
 
 NAME = "mmmu-pro"
 FIELDS = ("id", "question", "options", "answer", "image_1")
@@ -63,7 +63,7 @@ def to_ddm(data: dict[str, Any], multi_image: str = "skip") -> tuple[str, str, A
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep mmmu-pro",
+        prog="python -m dapo_lightning.data_prep mmmu-pro",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -25,8 +25,8 @@ from typing import Any
 from PIL import Image
 
 from dapo_lightning import ddm
-from data_prep.io import DDMParquetWriter, EmptyOutput
-from data_prep.sources import InputError, Record, SchemaError, Source
+from dapo_lightning.data_prep.io import DDMParquetWriter, EmptyOutput
+from dapo_lightning.data_prep.sources import InputError, Record, SchemaError, Source
 
 # Drop reasons, in the order reports list them. Shared names with ddm.BadRow kinds where they overlap.
 MISSING_IMAGE = ddm.MISSING_IMAGE
@@ -244,7 +244,7 @@ def convert(
 
     ``progress`` shows a bar over ``records`` on a terminal (``total`` rows, if known);
     a converter that shows its own bar over a different loop turns it off.
-    Raises :class:`~data_prep.io.EmptyOutput` (nothing written) when every row is dropped.
+    Raises :class:`~dapo_lightning.data_prep.io.EmptyOutput` (nothing written) when every row is dropped.
     """
     with DDMParquetWriter(options.out, batch_rows=options.batch_size) as writer:
         for record in progress_bar(records, total=total, desc=report.name, enabled=progress):

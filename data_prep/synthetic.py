@@ -5,7 +5,7 @@ its shape or how many shapes there are. Four options, one correct letter. The
 rows are a pure function of ``seed``, so tests and benchmarks see the same data
 on every machine, and nothing is downloaded.
 
-    python -m data_prep.synthetic --out data/synthetic.parquet --rows 512 --seed 0
+    python -m dapo_lightning.data_prep.synthetic --out data/synthetic.parquet --rows 512 --seed 0
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def ensure_parquet(path: str | os.PathLike, config: SyntheticConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dapo_lightning.data_prep synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output parquet path")
     parser.add_argument("--rows", type=int, default=256, help="number of questions (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -14,7 +14,7 @@ roles and the words of the synthetic questions (78 tokens); other words map to
 vocabulary is what lets a randomly initialised policy find rewarded answers by
 sampling (the demo must learn), and each answer letter and tag is one token.
 
-    python -m data_prep.tiny_model --size tiny --out .cache/models/tiny
+    python -m dapo_lightning.data_prep.tiny_model --size tiny --out .cache/models/tiny
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def tokenizer_vocabulary(extra_words: list[str] = (), *, system_prompt_words: bo
     (``system_prompt_words``) the words of the default system prompt."""
     from dapo_lightning.prompts import SYSTEM_PROMPT
 
-    from data_prep.synthetic import vocabulary as synthetic_words
+    from dapo_lightning.data_prep.synthetic import vocabulary as synthetic_words
 
     # Chat roles, the template's default system message, and words of a neutral probe prompt.
     common = "system user assistant You are a helpful . Answer the question Which option is correct ? Look at image".split()
@@ -269,7 +269,7 @@ def ensure_tiny_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep tiny-model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dapo_lightning.data_prep tiny-model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="architecture size (default tiny)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")

@@ -11,7 +11,7 @@ letters, options per problem, image sizes) and exits 0 when every row is usable,
 2 otherwise (or when the file is empty or its schema is wrong). Reads a batch at
 a time, so memory holds one batch of images.
 
-    python -m data_prep validate data/ddm.parquet
+    python -m dapo_lightning.data_prep validate data/ddm.parquet
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dapo_lightning import ddm
-from data_prep.pipeline import positive_int, progress_bar
+from dapo_lightning.data_prep.pipeline import positive_int, progress_bar
 
 
 @dataclass
@@ -137,7 +137,7 @@ def validate(path: Path, *, batch_size: int = 256, examples_per_reason: int = 3)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep validate",
+        prog="python -m dapo_lightning.data_prep validate",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

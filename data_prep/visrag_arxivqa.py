@@ -16,8 +16,8 @@ Memory: queries and qrels (text) are read whole; the corpus (the images) is
 streamed once, and each positive image is written when it streams past. Rows
 therefore come out in corpus order (queries sharing an image in query order).
 
-    python -m data_prep visrag-arxivqa --hub openbmb/VisRAG-Ret-Test-ArxivQA --split train --out data/arxivqa.parquet
-    python -m data_prep visrag-arxivqa --corpus corpus/*.parquet --queries queries.parquet --qrels qrels.parquet --out data/arxivqa.parquet
+    python -m dapo_lightning.data_prep visrag-arxivqa --hub openbmb/VisRAG-Ret-Test-ArxivQA --split train --out data/arxivqa.parquet
+    python -m dapo_lightning.data_prep visrag-arxivqa --corpus corpus/*.parquet --queries queries.parquet --qrels qrels.parquet --out data/arxivqa.parquet
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dapo_lightning.ddm import LETTERS
-from data_prep.pipeline import (
+from dapo_lightning.data_prep.pipeline import (
     ANSWER_NOT_AMONG_OPTIONS,
     MISSING_IMAGE,
     NO_POSITIVE,
@@ -46,7 +46,7 @@ from data_prep.pipeline import (
     progress_bar,
     run_reported,
 )
-from data_prep.sources import LOCAL_SUFFIXES, Record, Source, check_fields, count_rows, iter_records
+from dapo_lightning.data_prep.sources import LOCAL_SUFFIXES, Record, Source, check_fields, count_rows, iter_records
 
 NAME = "visrag-arxivqa"
 CORPUS_FIELDS = ("corpus-id", "image")
@@ -143,7 +143,7 @@ def joined_records(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep visrag-arxivqa",
+        prog="python -m dapo_lightning.data_prep visrag-arxivqa",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

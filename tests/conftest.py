@@ -17,14 +17,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from data_prep.tiny_model import build_tiny_model
+    from dapo_lightning.data_prep.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def synthetic_parquet(tmp_path_factory):
-    from data_prep.synthetic import SyntheticConfig, write_parquet
+    from dapo_lightning.data_prep.synthetic import SyntheticConfig, write_parquet
 
     return write_parquet(tmp_path_factory.mktemp("data") / "synthetic.parquet", SyntheticConfig(rows=40, seed=0, image_size=56))
 

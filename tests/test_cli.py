@@ -70,7 +70,7 @@ def _parquet_with_bad_images(path: Path, rows: int = 40) -> Path:
     """Synthetic questions where every third image is unreadable bytes."""
     from datasets import Dataset
 
-    from data_prep.synthetic import SyntheticConfig, generate_rows
+    from dapo_lightning.data_prep.synthetic import SyntheticConfig, generate_rows
     from dapo_lightning.ddm import ddm_features
 
     data = generate_rows(SyntheticConfig(rows=rows, seed=5, image_size=56, question_types=("colour",)))

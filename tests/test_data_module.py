@@ -134,9 +134,14 @@ def test_shard_sampler_covers_every_row_once():
 
 def test_synthetic_file_is_built_when_missing(tmp_path, tiny_model_dir):
     from dapo_lightning.data import SyntheticData
+    from dapo_lightning.data_prep.fixtures import build_missing
 
     target = tmp_path / "made" / "colour.parquet"
-    module = _module(target, tiny_model_dir, build_synthetic_if_missing=SyntheticData(rows=20, question_types=["colour"]))
+    settings = SyntheticData(rows=20, question_types=["colour"])
+    # the CLI builds it from the data module's own keys before it creates the module (no build in the library)
+    assert build_missing({"data": {"train_path": str(target), "build_synthetic_if_missing": settings}}) == [
+        f"synthetic questions to {target}"]
+    module = _module(target, tiny_model_dir, build_synthetic_if_missing=settings)
     assert target.exists()
     assert len(module.train_table) + len(module.eval_table) == 20
     assert all(p.startswith("What colour") for p in module.train_table["problem"])

@@ -7,7 +7,7 @@ from PIL import Image
 
 from dapo_lightning.models import ImageOnlyQwenVLProcessor, load_policy, load_processor
 from dapo_lightning.prompts import build_messages
-from data_prep.tiny_model import QWEN_SPECIAL_TOKENS, REASONING_TAGS, SIZES, build_tiny_model
+from dapo_lightning.data_prep.tiny_model import QWEN_SPECIAL_TOKENS, REASONING_TAGS, SIZES, build_tiny_model
 
 
 def test_folder_has_the_hub_checkpoint_files(tiny_model_dir):

@@ -29,7 +29,7 @@ from typing import Any
 
 from dapo_lightning.rewards.registry import register_reward
 
-PROVIDER = "callbacks.AttentionMetrics"
+PROVIDER = "dapo_lightning.callbacks.AttentionMetrics"
 
 
 def group_statistics(values: Sequence[float]) -> tuple[float, float] | None:

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.testing import assert_close
 
-from callbacks import AttentionMetrics, MarkdownRolloutLog, TokenWeights
+from dapo_lightning.callbacks import AttentionMetrics, MarkdownRolloutLog, TokenWeights
 from dapo_lightning.attention import CapturedAttention, token_vgr_weights
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
@@ -155,14 +155,14 @@ def test_every_n_steps_unless_a_reward_needs_every_rollout(
 @pytest.mark.parametrize("reward", ["vgr", "vgr_hard_negative"])
 def test_vgr_rewards_without_attention_metrics_fail_at_fit_start(tmp_path, tiny_model_dir, synthetic_parquet, reward):
     module = make_module(tiny_model_dir, rewards=("accuracy", reward), weights=[1.0, 0.5])
-    with pytest.raises(ValueError, match=rf"{reward}.*add callbacks\.AttentionMetrics to trainer\.callbacks"):
+    with pytest.raises(ValueError, match=rf"{reward}.*add dapo_lightning\.callbacks\.AttentionMetrics to trainer\.callbacks"):
         fit(tmp_path, module, synthetic_parquet, tiny_model_dir, steps=1)
 
 
 @pytest.mark.parametrize(
     "rewards, callbacks, message",
     [
-        (("accuracy",), [TokenWeights()], "TokenWeights needs .*add callbacks.AttentionMetrics"),
+        (("accuracy",), [TokenWeights()], "TokenWeights needs .*add dapo_lightning.callbacks.AttentionMetrics"),
         (("vgr_hard_negative",), [AttentionMetrics()], "list the accuracy reward before it"),
         (("accuracy", "vgr", "vgr_hard_negative"), [AttentionMetrics()], "listed after 'vgr'"),
     ],

@@ -19,9 +19,9 @@ def test_attention_config_trains_with_every_attention_callback(
 
     config = yaml.safe_load((ROOT / "configs" / "attention.yaml").read_text())
     assert [c["class_path"] for c in config["trainer"]["callbacks"]] == [
-        "callbacks.AttentionMetrics",
-        "callbacks.TokenWeights",
-        "callbacks.MarkdownRolloutLog",
+        "dapo_lightning.callbacks.AttentionMetrics",
+        "dapo_lightning.callbacks.TokenWeights",
+        "dapo_lightning.callbacks.MarkdownRolloutLog",
     ]
     assert config["model"]["rewards"]["reward_funcs"] == ["accuracy", "vgr"]
     run = tmp_path / "run"

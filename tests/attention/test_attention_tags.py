@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from callbacks.attention_metrics import AttentionMetrics
+from dapo_lightning.callbacks.attention_metrics import AttentionMetrics
 
 
 def _rollout(stage, tag):

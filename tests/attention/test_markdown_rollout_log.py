@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.markdown_log import MarkdownRolloutLog, cell, fence
+from dapo_lightning.callbacks.markdown_log import MarkdownRolloutLog, cell, fence
 from dapo_lightning.attention import CapturedAttention, attention_report
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 

@@ -18,7 +18,7 @@ def test_both_rewards_are_registered_and_need_the_attention_callback():
     for name, fn in (("vgr", vgr_reward), ("vgr_hard_negative", vgr_hard_negative_reward)):
         spec = get_reward_spec(name)
         assert get_reward(name) is fn
-        assert spec.needs == ("vgr",) and spec.provider_hint == "callbacks.AttentionMetrics"
+        assert spec.needs == ("vgr",) and spec.provider_hint == "dapo_lightning.callbacks.AttentionMetrics"
 
 
 def test_quartiles_below_ten_values():
@@ -75,7 +75,7 @@ def test_hard_negative_scores_only_correct_rows_when_two_are_correct():
 
 
 def test_missing_inputs_are_errors_that_say_what_to_add():
-    with pytest.raises(ValueError, match="add callbacks.AttentionMetrics"):
+    with pytest.raises(ValueError, match="add dapo_lightning.callbacks.AttentionMetrics"):
         vgr_reward(["a"], num_generations=1)
     with pytest.raises(ValueError, match="list the accuracy reward before it"):
         vgr_hard_negative_reward(["a"], vgr=[1.0], num_generations=1)

@@ -4,12 +4,12 @@ from collections.abc import Callable
 
 import pytest
 
-from data_prep.__main__ import main
+from dapo_lightning.data_prep.__main__ import main
 
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """Run ``python -m data_prep ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    """Run ``python -m dapo_lightning.data_prep ARGS`` in-process; returns (exit code, stdout, stderr)."""
 
     def run(*argv: object) -> tuple[int, str, str]:
         capsys.readouterr()

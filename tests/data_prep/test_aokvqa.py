@@ -1,4 +1,4 @@
-"""python -m data_prep aokvqa: exact rows from a fixture in the hub's schema, every drop reason, atomic output."""
+"""python -m dapo_lightning.data_prep aokvqa: exact rows from a fixture in the hub's schema, every drop reason, atomic output."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data_prep import pipeline
+from dapo_lightning.data_prep import pipeline
 from dp_helpers import AOKVQA_FEATURES, MMMU_PRO_FEATURES, decoded, jpeg, png, read_rows, write_parquet
 
 RED = png((6, 4), (255, 0, 0))

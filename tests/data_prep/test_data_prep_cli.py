@@ -1,4 +1,4 @@
-"""python -m data_prep: dispatch, --help everywhere, the three sources end to end, and bounded memory."""
+"""python -m dapo_lightning.data_prep: dispatch, --help everywhere, the three sources end to end, and bounded memory."""
 
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ from PIL import Image
 from dp_helpers import AOKVQA_FEATURES, MMMU_PRO_FEATURES, png, write_parquet
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["aokvqa", "visrag-arxivqa", "mmmu-pro", "merge", "validate", "synthetic", "tiny-model"]
+COMMANDS = ["aokvqa", "visrag-arxivqa", "mmmu-pro", "merge", "validate", "synthetic", "tiny-model", "fixtures"]
 
 
 def test_help_in_a_real_subprocess():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, "-m", "data_prep", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "dapo_lightning.data_prep", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert listed == COMMANDS
     result = subprocess.run(
-        [sys.executable, "-m", "data_prep", "mmmu-pro", "--help"],
+        [sys.executable, "-m", "dapo_lightning.data_prep", "mmmu-pro", "--help"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -44,7 +44,7 @@ def test_help_in_a_real_subprocess():
 def test_every_command_has_help(cli, command):
     code, stdout, _ = cli(command, "--help")
     assert code == 0
-    assert stdout.startswith(f"usage: python -m data_prep {command}")
+    assert stdout.startswith(f"usage: python -m dapo_lightning.data_prep {command}")
 
 
 def test_unknown_command_and_no_command_exit_2(cli):
@@ -53,7 +53,7 @@ def test_unknown_command_and_no_command_exit_2(cli):
     assert stderr.startswith("error: unknown command 'coco'; choose from aokvqa, visrag-arxivqa, mmmu-pro")
     code, _, stderr = cli()
     assert code == 2
-    assert "usage: python -m data_prep COMMAND" in stderr
+    assert "usage: python -m dapo_lightning.data_prep COMMAND" in stderr
 
 
 def test_sources_to_merged_training_file(cli, tmp_path, tiny_model_dir):
@@ -145,3 +145,21 @@ def test_conversion_holds_one_batch_of_images_not_the_source(cli, tmp_path):
     assert code == 0
     # At most one batch read (8 images) and one batch buffered for writing (8 more), plus slack for everything else.
     assert peak < 16 * largest + 300_000 < total / 4, (peak, total)
+
+
+def test_fixtures_command_builds_what_a_config_asks_for_once(tmp_path, capsys):
+    from dapo_lightning.data_prep.__main__ import main
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"model:\n  policy:\n    model_name_or_path: {tmp_path / 'model'}\n    build_tiny_if_missing: tiny\n"
+                    f"data:\n  train_path: {tmp_path / 'elsewhere.parquet'}\n")
+    overlay = tmp_path / "overlay.yaml"  # later files win, as in the CLI
+    overlay.write_text(f"data:\n  train_path: {tmp_path / 'data.parquet'}\n  build_synthetic_if_missing:\n"
+                       "    rows: 8\n    question_types: [colour]\n")
+    assert main(["fixtures", "--config", str(base), "--config", str(overlay)]) == 0
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "data.parquet").exists()
+    assert not (tmp_path / "elsewhere.parquet").exists()
+    assert Dataset.from_parquet(str(tmp_path / "data.parquet")).num_rows == 8
+    assert "wrote the offline tiny Qwen2.5-VL" in capsys.readouterr().out
+    assert main(["fixtures", "--config", str(base), "--config", str(overlay)]) == 0
+    assert "nothing to build" in capsys.readouterr().out

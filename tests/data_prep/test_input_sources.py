@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 from datasets import Dataset, Features, Image as ImageFeature, Value
 
-from data_prep import sources
-from data_prep.sources import InputError, SchemaError, Source, check_fields, count_rows, iter_records
+from dapo_lightning.data_prep import sources
+from dapo_lightning.data_prep.sources import InputError, SchemaError, Source, check_fields, count_rows, iter_records
 from dp_helpers import png, write_parquet
 
 FEATURES = Features({"id": Value("string"), "image": ImageFeature(), "extra": Value("int64")})

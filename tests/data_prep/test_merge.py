@@ -1,4 +1,4 @@
-"""python -m data_prep merge: counts per source, dedup, caps, one schema, seeded shuffle through the bucket spill."""
+"""python -m dapo_lightning.data_prep merge: counts per source, dedup, caps, one schema, seeded shuffle through the bucket spill."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import merge as merge_module
-from data_prep.io import DDMParquetWriter, ddm_arrow_schema
-from data_prep.merge import MergeInput, SourceCounts, merge, shuffled_order
-from data_prep.pipeline import DropReport
-from data_prep.synthetic import SyntheticConfig, write_parquet as write_synthetic
+from dapo_lightning.data_prep import merge as merge_module
+from dapo_lightning.data_prep.io import DDMParquetWriter, ddm_arrow_schema
+from dapo_lightning.data_prep.merge import MergeInput, SourceCounts, merge, shuffled_order
+from dapo_lightning.data_prep.pipeline import DropReport
+from dapo_lightning.data_prep.synthetic import SyntheticConfig, write_parquet as write_synthetic
 from dp_helpers import png, read_rows
 
 RED, GREEN, BLUE = png((6, 4), (255, 0, 0)), png((3, 7), (0, 255, 0)), png((5, 5), (0, 0, 255))

@@ -1,4 +1,4 @@
-"""python -m data_prep mmmu-pro: the options string parsed as a literal (never evaluated), single images, letters to J."""
+"""python -m dapo_lightning.data_prep mmmu-pro: the options string parsed as a literal (never evaluated), single images, letters to J."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset, Image as ImageFeature
 
 from dapo_lightning.ddm import ddm_features
-from data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
+from dapo_lightning.data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
 from dp_helpers import png
 
 

@@ -1,12 +1,12 @@
-"""python -m data_prep validate: the summary of a good file, every reason a row is unusable, exit 2 on a bad file."""
+"""python -m dapo_lightning.data_prep validate: the summary of a good file, every reason a row is unusable, exit 2 on a bad file."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.io import ddm_arrow_schema
-from data_prep.synthetic import SyntheticConfig, write_parquet as write_synthetic
+from dapo_lightning.data_prep.io import ddm_arrow_schema
+from dapo_lightning.data_prep.synthetic import SyntheticConfig, write_parquet as write_synthetic
 from dp_helpers import png
 
 RED, GREEN, BLUE = png((6, 4), (255, 0, 0)), png((3, 7), (0, 255, 0)), png((5, 5), (0, 0, 255))

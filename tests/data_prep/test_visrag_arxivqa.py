@@ -1,4 +1,4 @@
-"""python -m data_prep visrag-arxivqa: the corpus/queries/qrels join, prefix stripping, answer mapping, drops."""
+"""python -m dapo_lightning.data_prep visrag-arxivqa: the corpus/queries/qrels join, prefix stripping, answer mapping, drops."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import datasets
 import pytest
 from datasets import Dataset
 
-from data_prep import sources
-from data_prep.pipeline import Drop
-from data_prep.visrag_arxivqa import answer_letter, strip_option_prefix
+from dapo_lightning.data_prep import sources
+from dapo_lightning.data_prep.pipeline import Drop
+from dapo_lightning.data_prep.visrag_arxivqa import answer_letter, strip_option_prefix
 from dp_helpers import (
     ARXIVQA_CORPUS_FEATURES,
     ARXIVQA_QRELS_FEATURES,

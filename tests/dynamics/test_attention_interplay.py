@@ -10,7 +10,7 @@ import torch
 from dyn_helpers import fit, make_data, make_module
 from lightning.pytorch import Callback
 
-from callbacks import DynamicSampling, ReplayBuffer
+from dapo_lightning.callbacks import DynamicSampling, ReplayBuffer
 
 
 class BeforeMoves(Callback):
@@ -39,7 +39,7 @@ class AfterMoves(Callback):
 
 
 def test_moved_groups_keep_their_vgr_and_token_weights(tmp_path, tiny_model_dir, synthetic_parquet):
-    from callbacks import AttentionMetrics, TokenWeights  # the attention branch's callbacks
+    from dapo_lightning.callbacks import AttentionMetrics, TokenWeights  # the attention branch's callbacks
 
     before, after = BeforeMoves(), AfterMoves()
     callbacks = [AttentionMetrics(every_n_steps=1), TokenWeights(smooth_sigma=0.0), before,

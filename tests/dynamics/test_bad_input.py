@@ -21,11 +21,11 @@ def run(tmp_path, tiny_model_dir, synthetic_parquet, *extra):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--trainer.callbacks+=callbacks.ReplayBuffer", "--trainer.callbacks.replay_buffer_size=-3"],
+        (["--trainer.callbacks+=dapo_lightning.callbacks.ReplayBuffer", "--trainer.callbacks.replay_buffer_size=-3"],
          r"ReplayBuffer\.replay_buffer_size: must be an integer >= 1, got -3"),
-        (["--trainer.callbacks+=callbacks.ModalityProbe", "--trainer.callbacks.variants=[image_text,text_grey]"],
+        (["--trainer.callbacks+=dapo_lightning.callbacks.ModalityProbe", "--trainer.callbacks.variants=[image_text,text_grey]"],
          r"ModalityProbe\.variants: unknown \['text_grey'\]"),
-        (["--trainer.callbacks+=callbacks.RewardWeightWarmup", "--trainer.callbacks.early_reward_weights=[1.0,2.0]"],
+        (["--trainer.callbacks+=dapo_lightning.callbacks.RewardWeightWarmup", "--trainer.callbacks.early_reward_weights=[1.0,2.0]"],
          r"RewardWeightWarmup\.early_reward_weights: has 2 weights but model\.rewards\.reward_funcs has 1 rewards "
          r"\(accuracy\)"),
     ],
@@ -37,7 +37,7 @@ def test_bad_callback_settings_name_the_key(tmp_path, tiny_model_dir, synthetic_
 
 def test_a_value_outside_a_literal_is_refused_while_parsing(tmp_path, tiny_model_dir, synthetic_parquet, capsys):
     with pytest.raises(SystemExit):
-        run(tmp_path, tiny_model_dir, synthetic_parquet, "--trainer.callbacks+=callbacks.DynamicSampling",
+        run(tmp_path, tiny_model_dir, synthetic_parquet, "--trainer.callbacks+=dapo_lightning.callbacks.DynamicSampling",
             "--trainer.callbacks.keep_if=variance")
     err = capsys.readouterr().err
-    assert "callbacks.DynamicSampling" in err and 'Parser key "keep_if"' in err and "reward_std" in err
+    assert "dapo_lightning.callbacks.DynamicSampling" in err and 'Parser key "keep_if"' in err and "reward_std" in err

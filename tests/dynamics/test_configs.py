@@ -190,25 +190,25 @@ NO_VGR = {"model.rewards.reward_weights": [2.5, 0.0, 0.5, 1.0]}
 OVERLAYS = {  # overlay: (callbacks transformation, other keys that change)
     "ablations/no_vgr.yaml": (early([1.0, 0.0, 2.0, 1.0]), NO_VGR),
     "ablations/hard_negative.yaml": (chain(), {"model.rewards.reward_funcs": HARD}),
-    "ablations/token_weights.yaml": (insert("RewardWeightWarmup", "callbacks.TokenWeights", topk_ratio=0.4,
+    "ablations/token_weights.yaml": (insert("RewardWeightWarmup", "dapo_lightning.callbacks.TokenWeights", topk_ratio=0.4,
                                             smooth_sigma=1.0, clip=(0.2, 3.0)), {}),
     "ablations/no_replay_buffer.yaml": (without("ReplayBuffer"), {}),
-    "ablations/dynamic_sampling.yaml": (insert("ReplayBuffer", "callbacks.DynamicSampling", oversample_factor=1.0,
+    "ablations/dynamic_sampling.yaml": (insert("ReplayBuffer", "dapo_lightning.callbacks.DynamicSampling", oversample_factor=1.0,
                                                max_tries=3, keep_if="reward_std"), {}),
-    "ablations/dynamic_sampling_only.yaml": (chain(insert("ReplayBuffer", "callbacks.DynamicSampling",
+    "ablations/dynamic_sampling_only.yaml": (chain(insert("ReplayBuffer", "dapo_lightning.callbacks.DynamicSampling",
                                                           oversample_factor=1.0, max_tries=3, keep_if="reward_std"),
                                                    without("ReplayBuffer")), {}),
     "ablations/no_reward_warmup.yaml": (without("RewardWeightWarmup"), {}),
     "ablations/no_attention_metrics.yaml": (chain(without("AttentionMetrics"), early([1.0, 0.0, 2.0, 1.0])), NO_VGR),
     "ablations/no_markdown_log.yaml": (without("MarkdownRolloutLog"), {}),
-    "ablations/modality_probe.yaml": (insert("ModelCheckpoint", "callbacks.ModalityProbe"), {}),
+    "ablations/modality_probe.yaml": (insert("ModelCheckpoint", "dapo_lightning.callbacks.ModalityProbe"), {}),
     "ablations/grpo.yaml": (without("ReplayBuffer"), {"model.loss.epsilon_high": 0.2}),
 }
 for _topk in (0.2, 0.4, 0.6):
     for _sigma in (0.0, 1.0, 2.0):
         for _clip in ((0.5, 2.0), (0.2, 3.0)):
             OVERLAYS[f"ablations/token_weights_grid/topk{_topk}_sigma{_sigma}_clip{_clip[0]}-{_clip[1]}.yaml"] = (
-                insert("RewardWeightWarmup", "callbacks.TokenWeights", topk_ratio=_topk, smooth_sigma=_sigma,
+                insert("RewardWeightWarmup", "dapo_lightning.callbacks.TokenWeights", topk_ratio=_topk, smooth_sigma=_sigma,
                        clip=_clip), {})
 
 

@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 CALLBACKS = [
-    {"class_path": "callbacks.AttentionMetrics", "init_args": {"every_n_steps": 1}},
-    {"class_path": "callbacks.TokenWeights", "init_args": {"smooth_sigma": 1.0, "clip": [0.2, 3.0]}},
-    {"class_path": "callbacks.RewardWeightWarmup",
+    {"class_path": "dapo_lightning.callbacks.AttentionMetrics", "init_args": {"every_n_steps": 1}},
+    {"class_path": "dapo_lightning.callbacks.TokenWeights", "init_args": {"smooth_sigma": 1.0, "clip": [0.2, 3.0]}},
+    {"class_path": "dapo_lightning.callbacks.RewardWeightWarmup",
      "init_args": {"early_reward_weights": [2.0, 0.0], "warmup_ratio": 0.5}},
-    {"class_path": "callbacks.DynamicSampling", "init_args": {"oversample_factor": 0.5, "max_tries": 1}},
-    {"class_path": "callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 4}},
-    {"class_path": "callbacks.ModalityProbe", "init_args": {"variants": ["image_text", "text_black"]}},
+    {"class_path": "dapo_lightning.callbacks.DynamicSampling", "init_args": {"oversample_factor": 0.5, "max_tries": 1}},
+    {"class_path": "dapo_lightning.callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 4}},
+    {"class_path": "dapo_lightning.callbacks.ModalityProbe", "init_args": {"variants": ["image_text", "text_black"]}},
 ]
 
 
@@ -37,7 +37,7 @@ def config(tmp, model_dir, parquet, callbacks, *, record):
             "enable_model_summary": False,
             "callbacks": [
                 *callbacks,
-                {"class_path": "callbacks.MarkdownRolloutLog", "init_args": {"dirpath": str(tmp / "md")}},
+                {"class_path": "dapo_lightning.callbacks.MarkdownRolloutLog", "init_args": {"dirpath": str(tmp / "md")}},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(tmp / "ckpt"), "every_n_train_steps": 2, "save_top_k": -1}},
                 {"class_path": "dyn_helpers.RankRecorder", "init_args": {"path": str(tmp / record)}},

@@ -8,8 +8,8 @@ import pytest
 import torch
 from dyn_helpers import RolloutLog, fit, make_data, make_module, scalars
 
-from callbacks import DynamicSampling
-from callbacks.dynamic_sampling import kept_groups
+from dapo_lightning.callbacks import DynamicSampling
+from dapo_lightning.callbacks.dynamic_sampling import kept_groups
 
 
 def rollout_with(rewards, accuracy, G=4):

@@ -8,8 +8,8 @@ import torch
 from dyn_helpers import fit, make_data, make_module, scalars
 from lightning.pytorch import Callback
 
-from callbacks import ModalityProbe
-from callbacks.modality_probe import NEUTRAL_PROMPT, blank_image, neutral_problem
+from dapo_lightning.callbacks import ModalityProbe
+from dapo_lightning.callbacks.modality_probe import NEUTRAL_PROMPT, blank_image, neutral_problem
 from dapo_lightning.module import DAPOModule
 
 

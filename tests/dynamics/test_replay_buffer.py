@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from callbacks import DynamicSampling, ReplayBuffer
-from callbacks.groups import group_record
-from callbacks.replay_buffer import eligible_groups, group_statistics, sample_proportional
+from dapo_lightning.callbacks import DynamicSampling, ReplayBuffer
+from dapo_lightning.callbacks.groups import group_record
+from dapo_lightning.callbacks.replay_buffer import eligible_groups, group_statistics, sample_proportional
 from dapo_lightning.advantages import group_advantages
 from dapo_lightning.data import example_prompt_batch
 from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_logps, generate

@@ -9,7 +9,7 @@ from dyn_helpers import RolloutLog, fit, make_data, make_module, make_trainer, p
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import DynamicSampling, ReplayBuffer, RewardWeightWarmup
+from dapo_lightning.callbacks import DynamicSampling, ReplayBuffer, RewardWeightWarmup
 from dapo_lightning.cli import main
 from dapo_lightning.models import load_policy
 
@@ -175,8 +175,8 @@ def cli_config(tmp_path, tiny_model_dir, synthetic_parquet):
             "accelerator": "cpu", "max_steps": 4, "default_root_dir": str(tmp_path / "run"), "log_every_n_steps": 1,
             "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
             "callbacks": [
-                {"class_path": "callbacks.RewardWeightWarmup", "init_args": {"early_reward_weights": [2.0, 0.5]}},
-                {"class_path": "callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 3}},
+                {"class_path": "dapo_lightning.callbacks.RewardWeightWarmup", "init_args": {"early_reward_weights": [2.0, 0.5]}},
+                {"class_path": "dapo_lightning.callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 3}},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2, "save_last": True}},
             ],

@@ -9,8 +9,8 @@ import torch
 from dyn_helpers import fit, make_data, make_module, scalars
 from lightning.pytorch import Callback
 
-from callbacks import RewardWeightWarmup
-from callbacks.reward_warmup import early_phase_end
+from dapo_lightning.callbacks import RewardWeightWarmup
+from dapo_lightning.callbacks.reward_warmup import early_phase_end
 from dapo_lightning.config import OptimConfig
 
 

@@ -6,7 +6,7 @@ import pytest
 from dyn_helpers import RolloutLog, fit, make_data, make_module, scalars
 from lightning.pytorch import Callback
 
-from callbacks import DynamicSampling, ReplayBuffer
+from dapo_lightning.callbacks import DynamicSampling, ReplayBuffer
 
 
 class FreshRollout(Callback):

@@ -57,14 +57,14 @@ def cli_config(tmp: Path, model_dir, parquet, *, steps: int = 4, every: int = 2,
                **model) -> dict:
     """A tiny single-process fit that checkpoints every ``every`` steps into ``tmp/ckpt`` (with last.ckpt)."""
     cbs = [
-        {"class_path": "callbacks.RewardWeightWarmup", "init_args": {"early_reward_weights": [2.0, 0.5]}},
-        {"class_path": "callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 3}},
+        {"class_path": "dapo_lightning.callbacks.RewardWeightWarmup", "init_args": {"early_reward_weights": [2.0, 0.5]}},
+        {"class_path": "dapo_lightning.callbacks.ReplayBuffer", "init_args": {"replay_buffer_size": 3}},
         *callbacks,
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(tmp / "ckpt"), "every_n_train_steps": every, "save_last": True}},
     ]
     if markdown:
-        cbs.insert(0, {"class_path": "callbacks.MarkdownRolloutLog",
+        cbs.insert(0, {"class_path": "dapo_lightning.callbacks.MarkdownRolloutLog",
                        "init_args": {"dirpath": str(tmp / "md"), "every_n_steps": 2}})
     return {
         "seed_everything": 0,

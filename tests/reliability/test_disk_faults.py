@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Callback
 from rel_helpers import fit, make_module
 
-from callbacks import MarkdownRolloutLog
+from dapo_lightning.callbacks import MarkdownRolloutLog
 from dapo_lightning import storage
 from dapo_lightning.storage import AtomicCheckpointIO, atomic_write, install_atomic_checkpoint_io
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callbacks.markdown_log import MarkdownRolloutLog
+from dapo_lightning.callbacks.markdown_log import MarkdownRolloutLog
 from dapo_lightning import ddm
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import PolicyConfig
