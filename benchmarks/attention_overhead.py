@@ -80,7 +80,7 @@ def _child(args) -> None:
     )
     from dapo_lightning.batch import RolloutBatch
     from dapo_lightning.config import OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
-    from dapo_lightning.data import DDMDataModule
+    from dapo_lightning.data import VisualMCQDataModule
     from dapo_lightning.module import DAPOModule
     from dapo_lightning.rollout import completion_mask_from_eos
 
@@ -214,7 +214,7 @@ def _child(args) -> None:
     markdown = MarkdownRolloutLog(dirpath=os.path.join(scratch.name, "markdown"), every_n_steps=2)
     callbacks = [ProvidesVGR()] if original else [EveryOtherRollout(), markdown]
     warmup = 1 if original else 2  # ours: one step of each kind
-    data = DDMDataModule(train_path=str(args.data), processor=str(args.model), batch_size=args.batch_size)
+    data = VisualMCQDataModule(train_path=str(args.data), processor=str(args.model), batch_size=args.batch_size)
     trainer = Trainer(
         accelerator="cpu",
         devices=1,

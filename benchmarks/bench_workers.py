@@ -168,7 +168,7 @@ def _run_ours(conn, job: dict) -> None:
     from benchmarks.bench_setup import question_rows
     from benchmarks.phases import OTHER, PhaseClock, model_phase, vision_phase
     from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
-    from dapo_lightning.data import DDMDataset, PromptCollator
+    from dapo_lightning.data import VisualMCQDataset, PromptCollator
     from dapo_lightning.models import load_processor
     from dapo_lightning.module import DAPOModule
 
@@ -192,7 +192,7 @@ def _run_ours(conn, job: dict) -> None:
     rows = question_rows(_shape(job), B * total)
     collate = PromptCollator(load_processor(job["folder"]), source="bench", system_prompt=job["system_prompt"],
                              max_image_side=None, max_prompt_length=None, on_bad_row="error")
-    loader = DataLoader(DDMDataset(rows, "bench"), batch_size=B, shuffle=False, collate_fn=collate)
+    loader = DataLoader(VisualMCQDataset(rows, "bench"), batch_size=B, shuffle=False, collate_fn=collate)
     module = DAPOModule(
         policy=PolicyConfig(model_name_or_path=job["folder"], dtype=job["dtype"], attn_implementation="sdpa"),
         rollout=RolloutConfig(num_generations=G, max_completion_length=T, min_completion_length=T, temperature=1.0,

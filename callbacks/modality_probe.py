@@ -29,7 +29,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from dapo_lightning import checkpointing, ddm
+from dapo_lightning import checkpointing
+from dapo_lightning.data import rows as mcq
 
 VARIANTS = ("image_text", "image_only", "text_black", "text_white", "text_noise")
 NEUTRAL_PROMPT = "Look at the image and choose the correct option."
@@ -109,7 +110,7 @@ class ModalityProbe(Callback):
     def _variant_row(self, row: dict, variant: str, collate) -> dict:
         if variant == "image_only":
             return {**row, "problem": neutral_problem(row["problem"], self.neutral_prompt)}
-        image = ddm.decode_image(row.get("image"), source=getattr(collate, "source", "<val>"), row=row["_index"],
+        image = mcq.decode_image(row.get("image"), source=getattr(collate, "source", "<val>"), row=row["_index"],
                                  max_side=getattr(collate, "max_image_side", None))
         kind = variant.removeprefix("text_")
         return {**row, "image": blank_image(image.size, kind, seed=self.noise_seed + int(row["_index"]))}

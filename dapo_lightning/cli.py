@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dapo_lightning.shutdown import GracefulShutdown
 from dapo_lightning.checkpointing import check_same_config
-from dapo_lightning.data import DDMDataModule
+from dapo_lightning.data import VisualMCQDataModule
 from dapo_lightning.module import DAPOModule
 
 
@@ -108,7 +108,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         DAPOLightningCLI(
             DAPOModule,
-            DDMDataModule,
+            VisualMCQDataModule,
             args=args,
             parser_kwargs={"prog": "dapo-lightning"},
             auto_configure_optimizers=False,

@@ -4,7 +4,7 @@
     python -m dapo_lightning.config_reference --write  # replace them in README.md
 
 Each key is documented once, in the code (attribute docstrings of the config
-dataclasses and the ``Args`` of ``DDMDataModule``); a test fails when README.md
+dataclasses and the ``Args`` of ``VisualMCQDataModule``); a test fails when README.md
 is out of date.
 """
 
@@ -77,7 +77,7 @@ def init_rows(cls, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
 
 
 def render() -> str:
-    from dapo_lightning.data import DDMDataModule
+    from dapo_lightning.data import VisualMCQDataModule
     from dapo_lightning.module import DAPOModule
 
     parts = [_table("model", init_rows(DAPOModule, skip=("policy", "rollout", "rewards", "loss", "optim")))]
@@ -85,7 +85,7 @@ def render() -> str:
         docs = attribute_docstrings(cls)
         rows = [(f.name, _default(f), docs.get(f.name, "")) for f in dataclasses.fields(cls)]
         parts.append(_table(prefix, rows))
-    parts.append(_table("data", init_rows(DDMDataModule)))
+    parts.append(_table("data", init_rows(VisualMCQDataModule)))
     return "\n\n".join(parts) + "\n"
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dapo_lightning.ddm import LETTERS
+from dapo_lightning.data.rows import LETTERS
 from dapo_lightning.data_prep.pipeline import (
     ANSWER_NOT_AMONG_OPTIONS,
     NOT_SELECTED,
@@ -40,7 +40,7 @@ NAME = "aokvqa"
 FIELDS = ("question_id", "image", "question", "choices", "correct_choice_idx")
 
 
-def to_ddm(data: dict[str, Any], question_ids: frozenset[str] | None = None) -> tuple[str, str, Any]:
+def to_mcq_row(data: dict[str, Any], question_ids: frozenset[str] | None = None) -> tuple[str, str, Any]:
     """``(problem, solution, image)`` of one A-OKVQA row; raises :class:`Drop`."""
     if question_ids is not None and str(data["question_id"]) not in question_ids:
         raise Drop(NOT_SELECTED, f"question_id {data['question_id']!r}")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         check_fields(source, FIELDS, "A-OKVQA")
         records = iter_records(source, columns=FIELDS, image_columns=("image",), batch_size=options.batch_size)
-        convert(records, lambda data: to_ddm(data, question_ids), options, report, total=count_rows(source))
+        convert(records, lambda data: to_mcq_row(data, question_ids), options, report, total=count_rows(source))
 
     return run_reported(report, args.out, work)
 

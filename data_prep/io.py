@@ -8,7 +8,7 @@ on failure the temporary file is removed.
 
 Rows are buffered ``batch_rows`` at a time and written as one parquet row group,
 so memory holds at most one batch of images. The schema is the ``datasets``
-one (``ddm_features().arrow_schema``): ``image`` is ``struct<bytes: binary,
+one (``mcq_features().arrow_schema``): ``image`` is ``struct<bytes: binary,
 path: string>`` and the ``huggingface`` schema metadata marks it as an
 ``Image`` feature, so ``Dataset.from_parquet`` decodes it as a picture.
 """
@@ -23,19 +23,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dapo_lightning.ddm import ddm_features
+from dapo_lightning.data.rows import mcq_features
 
 
-def ddm_arrow_schema() -> pa.Schema:
+def mcq_arrow_schema() -> pa.Schema:
     """The arrow schema of a DDM file, with the ``huggingface`` metadata that names ``image`` an Image."""
-    return ddm_features().arrow_schema
+    return mcq_features().arrow_schema
 
 
 class EmptyOutput(RuntimeError):
     """Every row was dropped; an empty training file is never published."""
 
 
-class DDMParquetWriter:
+class MCQParquetWriter:
     """Write DDM rows (``{"image": {"bytes", "path"}, "problem", "solution"}``) to ``path`` atomically.
 
     Use as a context manager: leaving the block normally publishes the file, leaving
@@ -50,14 +50,14 @@ class DDMParquetWriter:
         self.path = Path(path)
         self.batch_rows = batch_rows
         self.allow_empty = allow_empty
-        self.schema = ddm_arrow_schema()
+        self.schema = mcq_arrow_schema()
         self.rows_written = 0
         # Hidden, per-process name in the target's folder: same filesystem, so os.replace is atomic.
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._buffer: list[dict[str, Any]] = []
         self._writer: pq.ParquetWriter | None = None
 
-    def __enter__(self) -> DDMParquetWriter:
+    def __enter__(self) -> MCQParquetWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = pq.ParquetWriter(str(self.tmp_path), self.schema)
         return self
@@ -71,7 +71,7 @@ class DDMParquetWriter:
         if not self._buffer:
             return
         if self._writer is None:
-            raise RuntimeError("DDMParquetWriter.write called outside its 'with' block")
+            raise RuntimeError("MCQParquetWriter.write called outside its 'with' block")
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
         self._writer.write_table(table, row_group_size=self.batch_rows)
         self.rows_written += len(self._buffer)

@@ -35,8 +35,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from dapo_lightning.ddm import COLUMNS
-from dapo_lightning.data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
+from dapo_lightning.data.rows import COLUMNS
+from dapo_lightning.data_prep.io import MCQParquetWriter, EmptyOutput, mcq_arrow_schema
 from dapo_lightning.data_prep.pipeline import Drop, DropReport, finish_row, positive_int, progress_bar
 from dapo_lightning.data_prep.sources import LOCAL_SUFFIXES, InputError, Record, SchemaError, Source, check_fields, iter_records
 
@@ -91,7 +91,7 @@ def _input_rows(inputs: list[MergeInput], batch_size: int) -> Iterator[tuple[Key
             yield (index, record.row), item, record
 
 
-def _as_ddm(record: Record) -> dict[str, Any]:
+def _as_mcq_row(record: Record) -> dict[str, Any]:
     """The record cast to the DDM schema (text checked, image bytes embedded); raises :class:`Drop`."""
     data = record.data
     return finish_row(
@@ -113,7 +113,7 @@ def _checked_rows(
         tally = counts[item.name]
         tally.rows += 1
         try:
-            row = _as_ddm(record)
+            row = _as_mcq_row(record)
         except Drop as drop:
             tally.invalid += 1
             report.drop(drop.reason, record.where, record.row, drop.detail)
@@ -164,7 +164,7 @@ def merge(
         check_fields(Source(files=(item.path,)), COLUMNS, "DDM")
     rows = progress_bar(_checked_rows(inputs, counts, report, dedup, batch_size), total=None, desc=NAME)
     if not shuffle:
-        with DDMParquetWriter(out, batch_rows=batch_size) as writer:
+        with MCQParquetWriter(out, batch_rows=batch_size) as writer:
             for _, name, row in rows:
                 tally = counts[name]
                 if name in caps and tally.written >= caps[name]:
@@ -192,7 +192,7 @@ def _write_shuffled(
     inputs: list[MergeInput], out: Path, position: dict[Key, int], bucket_rows: int, batch_size: int
 ) -> None:
     """Pass 2 spills each chosen row to the bucket of its output position; pass 3 sorts and writes each bucket."""
-    schema = ddm_arrow_schema().append(pa.field("position", pa.int64()))
+    schema = mcq_arrow_schema().append(pa.field("position", pa.int64()))
     out.parent.mkdir(parents=True, exist_ok=True)
     spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.shuffle-", dir=out.parent))
     writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
@@ -204,11 +204,11 @@ def _write_shuffled(
             bucket = where // bucket_rows
             if bucket not in writers:
                 writers[bucket] = pa.ipc.new_stream(str(spill / f"{bucket}.arrow"), schema)
-            row = {**_as_ddm(record), "position": where}
+            row = {**_as_mcq_row(record), "position": where}
             writers[bucket].write_batch(pa.RecordBatch.from_pylist([row], schema=schema))
         for writer in writers.values():
             writer.close()
-        with DDMParquetWriter(out, batch_rows=batch_size) as output:
+        with MCQParquetWriter(out, batch_rows=batch_size) as output:
             for bucket in sorted(writers):
                 with pa.memory_map(str(spill / f"{bucket}.arrow")) as source:
                     table = pa.ipc.open_stream(source).read_all().sort_by("position")

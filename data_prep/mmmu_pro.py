@@ -22,7 +22,7 @@ import argparse
 import sys
 from typing import Any
 
-from dapo_lightning.ddm import LETTERS
+from dapo_lightning.data.rows import LETTERS
 from dapo_lightning.data_prep.pipeline import (
     ANSWER_NOT_AMONG_OPTIONS,
     MISSING_IMAGE,
@@ -46,7 +46,7 @@ IMAGE_COLUMNS = tuple(f"image_{k}" for k in range(1, 8))
 READ_COLUMNS = ("id", "question", "options", "answer", *IMAGE_COLUMNS)
 
 
-def to_ddm(data: dict[str, Any], multi_image: str = "skip") -> tuple[str, str, Any]:
+def to_mcq_row(data: dict[str, Any], multi_image: str = "skip") -> tuple[str, str, Any]:
     """``(problem, solution, image)`` of one MMMU-Pro row; raises :class:`Drop`."""
     present = [name for name in IMAGE_COLUMNS if data.get(name) is not None]
     if not present:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         check_fields(source, FIELDS, "MMMU-Pro (standard config)")
         records = iter_records(source, columns=READ_COLUMNS, image_columns=IMAGE_COLUMNS, batch_size=options.batch_size)
-        convert(records, lambda data: to_ddm(data, args.multi_image), options, report, total=count_rows(source))
+        convert(records, lambda data: to_mcq_row(data, args.multi_image), options, report, total=count_rows(source))
 
     return run_reported(report, args.out, work)
 

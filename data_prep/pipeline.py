@@ -3,7 +3,7 @@
 A converter turns one source row into ``(problem, solution, image)`` or raises
 :class:`Drop` with a reason. :func:`convert` then applies the checks every DDM
 row must pass (the ones the data module and ``validate`` apply, from
-``dapo_lightning/ddm.py``), decodes the image once to prove it is usable (and
+``dapo_lightning/data/rows.py``), decodes the image once to prove it is usable (and
 shrinks it when ``--max-side`` asks), and streams the row to the atomic writer.
 Dropped rows are counted by reason, with the first few examples, and printed:
 a converter never drops silently.
@@ -24,20 +24,20 @@ from typing import Any
 
 from PIL import Image
 
-from dapo_lightning import ddm
-from dapo_lightning.data_prep.io import DDMParquetWriter, EmptyOutput
+from dapo_lightning.data import rows as mcq
+from dapo_lightning.data_prep.io import MCQParquetWriter, EmptyOutput
 from dapo_lightning.data_prep.sources import InputError, Record, SchemaError, Source
 
-# Drop reasons, in the order reports list them. Shared names with ddm.BadRow kinds where they overlap.
-MISSING_IMAGE = ddm.MISSING_IMAGE
-UNREADABLE_IMAGE = ddm.UNREADABLE_IMAGE
+# Drop reasons, in the order reports list them. Shared names with mcq.BadRow kinds where they overlap.
+MISSING_IMAGE = mcq.MISSING_IMAGE
+UNREADABLE_IMAGE = mcq.UNREADABLE_IMAGE
 MULTI_IMAGE = "multi-image"
 NO_POSITIVE = "no positive"
 SEVERAL_POSITIVES = "several positive images"
 UNPARSABLE_OPTIONS = "unparsable options"
 TOO_MANY_OPTIONS = "too many options"
-ANSWER_NOT_AMONG_OPTIONS = ddm.ANSWER_NOT_AMONG_OPTIONS
-EMPTY_PROBLEM = ddm.EMPTY_PROBLEM
+ANSWER_NOT_AMONG_OPTIONS = mcq.ANSWER_NOT_AMONG_OPTIONS
+EMPTY_PROBLEM = mcq.EMPTY_PROBLEM
 TOO_LONG = "too long"
 NOT_SELECTED = "not in question-id filter"
 REASONS = (
@@ -54,7 +54,7 @@ REASONS = (
     NOT_SELECTED,
 )
 # check_text's kinds that are not converter reasons map onto the nearest one.
-_BAD_ROW_REASON = {ddm.BAD_SOLUTION: ANSWER_NOT_AMONG_OPTIONS, ddm.NO_OPTIONS: UNPARSABLE_OPTIONS}
+_BAD_ROW_REASON = {mcq.BAD_SOLUTION: ANSWER_NOT_AMONG_OPTIONS, mcq.NO_OPTIONS: UNPARSABLE_OPTIONS}
 # A literal options string longer than this is not an options list (and literal_eval's cost grows with it).
 MAX_OPTIONS_STRING = 100_000
 EXAMPLES_PER_REASON = 3
@@ -111,15 +111,15 @@ def format_problem(question: str, options: Sequence[str]) -> str:
     """``question`` then one ``X: option`` line per option (SPEC section 1).
 
     Newlines inside an option become spaces: a problem has exactly one line per option,
-    which is how ``ddm.option_letters`` finds them. An empty question raises :class:`Drop`.
+    which is how ``mcq.option_letters`` finds them. An empty question raises :class:`Drop`.
     """
     if not isinstance(question, str) or not question.strip():
         raise Drop(EMPTY_PROBLEM, f"question is {_short(question)}")
-    if len(options) > len(ddm.LETTERS):
-        raise Drop(TOO_MANY_OPTIONS, f"{len(options)} options, at most {len(ddm.LETTERS)} (A-J)")
+    if len(options) > len(mcq.LETTERS):
+        raise Drop(TOO_MANY_OPTIONS, f"{len(options)} options, at most {len(mcq.LETTERS)} (A-J)")
     lines = [question.strip()]
     for index, option in enumerate(options):
-        lines.append(f"{ddm.LETTERS[index]}: {_NEWLINES.sub(' ', option.strip())}")
+        lines.append(f"{mcq.LETTERS[index]}: {_NEWLINES.sub(' ', option.strip())}")
     return "\n".join(lines)
 
 
@@ -140,8 +140,8 @@ def parse_options(value: Any) -> list[str]:
         raise Drop(UNPARSABLE_OPTIONS, f"options is {type(value).__name__} {_short(value)}, not a non-empty list")
     if not all(isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in value):
         raise Drop(UNPARSABLE_OPTIONS, f"options list holds non-text items: {_short(value)}")
-    if len(value) > len(ddm.LETTERS):
-        raise Drop(TOO_MANY_OPTIONS, f"{len(value)} options, at most {len(ddm.LETTERS)} (A-J)")
+    if len(value) > len(mcq.LETTERS):
+        raise Drop(TOO_MANY_OPTIONS, f"{len(value)} options, at most {len(mcq.LETTERS)} (A-J)")
     return [str(item) for item in value]
 
 
@@ -167,8 +167,8 @@ def finish_row(
     embeds the image bytes and skips decoding.
     """
     try:
-        letter = ddm.check_text(problem, solution, source=where, row=row, require_options=True)
-    except ddm.BadRow as bad:
+        letter = mcq.check_text(problem, solution, source=where, row=row, require_options=True)
+    except mcq.BadRow as bad:
         raise Drop(_BAD_ROW_REASON.get(bad.kind, bad.kind), bad.reason) from None
     if max_problem_chars is not None and len(problem) > max_problem_chars:
         raise Drop(TOO_LONG, f"problem has {len(problem)} characters, limit {max_problem_chars}")
@@ -213,8 +213,8 @@ def finish_image(value: Any, *, where: str, row: int, max_side: int | None = Non
     """
     value = embed_image(value)
     try:
-        image = ddm.decode_image(value["bytes"], source=where, row=row)
-    except ddm.BadRow as bad:
+        image = mcq.decode_image(value["bytes"], source=where, row=row)
+    except mcq.BadRow as bad:
         raise Drop(bad.kind, bad.reason) from None
     if max_side is None or max(image.size) <= max_side:
         return value
@@ -228,28 +228,28 @@ def finish_image(value: Any, *, where: str, row: int, max_side: int | None = Non
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-ToDDM = Callable[[dict[str, Any]], tuple[str, str, Any]]
+ToMCQRow = Callable[[dict[str, Any]], tuple[str, str, Any]]
 
 
 def convert(
     records: Iterable[Record],
-    to_ddm: ToDDM,
+    to_mcq_row: ToMCQRow,
     options: ConvertOptions,
     report: DropReport,
     *,
     total: int | None = None,
     progress: bool = True,
 ) -> DropReport:
-    """Stream ``records`` through ``to_ddm`` and the DDM checks into ``options.out``, atomically.
+    """Stream ``records`` through ``to_mcq_row`` and the DDM checks into ``options.out``, atomically.
 
     ``progress`` shows a bar over ``records`` on a terminal (``total`` rows, if known);
     a converter that shows its own bar over a different loop turns it off.
     Raises :class:`~dapo_lightning.data_prep.io.EmptyOutput` (nothing written) when every row is dropped.
     """
-    with DDMParquetWriter(options.out, batch_rows=options.batch_size) as writer:
+    with MCQParquetWriter(options.out, batch_rows=options.batch_size) as writer:
         for record in progress_bar(records, total=total, desc=report.name, enabled=progress):
             try:
-                problem, solution, image = to_ddm(record.data)
+                problem, solution, image = to_mcq_row(record.data)
                 row = finish_row(
                     problem,
                     solution,

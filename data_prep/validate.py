@@ -1,7 +1,7 @@
 """validate: is a parquet file a usable DDM training set? (SPEC section 1)
 
 Every row goes through the checks the data module applies, from
-``dapo_lightning/ddm.py``: the image decodes to RGB, the problem is not empty and
+``dapo_lightning/data/rows.py``: the image decodes to RGB, the problem is not empty and
 has ``X: option`` lines, and the solution is one letter A-J that is among them.
 The schema must have ``image``, ``problem`` and ``solution``, with ``image`` as
 ``datasets.Image`` stores it (``struct<bytes, path>``), raw bytes, or a path.
@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dapo_lightning import ddm
+from dapo_lightning.data import rows as mcq
 from dapo_lightning.data_prep.pipeline import positive_int, progress_bar
 
 
@@ -80,7 +80,7 @@ def check_schema(path: Path) -> list[str]:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise SchemaProblem(f"{path}: not a readable parquet file ({error})") from error
-    missing = ddm.missing_columns(schema.names)
+    missing = mcq.missing_columns(schema.names)
     if missing:
         raise SchemaProblem(
             f"{path}: not a DDM file: missing fields {', '.join(missing)} (found: {', '.join(schema.names) or 'no fields'})"
@@ -114,21 +114,21 @@ def validate(path: Path, *, batch_size: int = 256, examples_per_reason: int = 3)
     """Check every row of ``path``; raises :class:`SchemaProblem` for a file that is not DDM at all."""
     summary = Summary(path, schema_notes=check_schema(path))
     parquet = pq.ParquetFile(path)
-    batches = parquet.iter_batches(batch_size=batch_size, columns=list(ddm.COLUMNS))
+    batches = parquet.iter_batches(batch_size=batch_size, columns=list(mcq.COLUMNS))
     rows = (row for batch in batches for row in batch.to_pylist())
     for index, row in enumerate(progress_bar(rows, total=parquet.metadata.num_rows, desc="validate")):
         summary.rows += 1
         try:
-            letter = ddm.check_text(row["problem"], row["solution"], source=str(path), row=index, require_options=True)
-            image = ddm.decode_image(row["image"], source=str(path), row=index)
-        except ddm.BadRow as bad:
+            letter = mcq.check_text(row["problem"], row["solution"], source=str(path), row=index, require_options=True)
+            image = mcq.decode_image(row["image"], source=str(path), row=index)
+        except mcq.BadRow as bad:
             summary.bad[bad.kind] += 1
             shown = summary.examples.setdefault(bad.kind, [])
             if len(shown) < examples_per_reason:
                 shown.append(str(bad))
             continue
         summary.letters[letter] += 1
-        summary.option_counts[len(ddm.option_letters(row["problem"]))] += 1
+        summary.option_counts[len(mcq.option_letters(row["problem"]))] += 1
         small, large = summary.smallest or image.size, summary.largest or image.size
         summary.smallest = (min(small[0], image.width), min(small[1], image.height))
         summary.largest = (max(large[0], image.width), max(large[1], image.height))

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dapo_lightning.ddm import LETTERS
+from dapo_lightning.data.rows import LETTERS
 from dapo_lightning.data_prep.pipeline import (
     ANSWER_NOT_AMONG_OPTIONS,
     MISSING_IMAGE,

@@ -71,13 +71,13 @@ def _parquet_with_bad_images(path: Path, rows: int = 40) -> Path:
     from datasets import Dataset
 
     from dapo_lightning.data_prep.synthetic import SyntheticConfig, generate_rows
-    from dapo_lightning.ddm import ddm_features
+    from dapo_lightning.data.rows import mcq_features
 
     data = generate_rows(SyntheticConfig(rows=rows, seed=5, image_size=56, question_types=("colour",)))
     for i, row in enumerate(data):
         if i % 3 == 0:
             row["image"] = {"bytes": b"not an image", "path": None}
-    Dataset.from_list(data, features=ddm_features()).to_parquet(str(path))
+    Dataset.from_list(data, features=mcq_features()).to_parquet(str(path))
     return path
 
 
@@ -132,7 +132,7 @@ def test_the_progress_bar_does_not_show_a_negative_epoch_count(tmp_path, tiny_mo
     from lightning.pytorch.callbacks import RichProgressBar
 
     from dapo_lightning.cli import DAPOLightningCLI, StepBoundedRichProgressBar
-    from dapo_lightning.data import DDMDataModule
+    from dapo_lightning.data import VisualMCQDataModule
     from dapo_lightning.module import DAPOModule
 
     stock = Trainer(max_steps=5, callbacks=[RichProgressBar()], logger=False, default_root_dir=tmp_path)
@@ -142,7 +142,7 @@ def test_the_progress_bar_does_not_show_a_negative_epoch_count(tmp_path, tiny_mo
     args = [a for a in demo_overrides(tmp_path)[1:] if a != "--trainer.enable_progress_bar=false"]
     args = [a.replace(str(tmp_path / "model"), str(tiny_model_dir)).replace(str(tmp_path / "data.parquet"),
                                                                              str(synthetic_parquet)) for a in args]
-    cli = DAPOLightningCLI(DAPOModule, DDMDataModule, args=args, run=False, auto_configure_optimizers=False)
+    cli = DAPOLightningCLI(DAPOModule, VisualMCQDataModule, args=args, run=False, auto_configure_optimizers=False)
     bar = cli.trainer.progress_bar_callback
     cli.trainer.fit_loop.max_epochs = -1
     bar.setup(cli.trainer, cli.model, "fit")

@@ -1,4 +1,4 @@
-"""DDMDataModule on generated parquet files: split, prompts, images, bad rows."""
+"""VisualMCQDataModule on generated parquet files: split, prompts, images, bad rows."""
 
 import io
 
@@ -8,8 +8,8 @@ from datasets import Dataset
 from PIL import Image
 
 from dapo_lightning.batch import PromptBatch
-from dapo_lightning.data import DDMDataModule, ShardSampler
-from dapo_lightning.ddm import BadRow, ddm_features
+from dapo_lightning.data import VisualMCQDataModule, ShardSampler
+from dapo_lightning.data.rows import BadRow, mcq_features
 from dapo_lightning.prompts import SYSTEM_PROMPT
 
 
@@ -20,7 +20,7 @@ def _png(size=(300, 120), colour="red") -> bytes:
 
 
 def _write(path, rows):
-    Dataset.from_list(rows, features=ddm_features()).to_parquet(str(path))
+    Dataset.from_list(rows, features=mcq_features()).to_parquet(str(path))
     return path
 
 
@@ -30,7 +30,7 @@ def _row(solution="B", image=None, problem="What colour?\nA: red\nB: blue"):
 
 
 def _module(path, tiny_model_dir, **kwargs):
-    module = DDMDataModule(train_path=str(path), processor=str(tiny_model_dir), **kwargs)
+    module = VisualMCQDataModule(train_path=str(path), processor=str(tiny_model_dir), **kwargs)
     module.setup("fit")
     return module
 
@@ -64,7 +64,7 @@ def test_train_batch_is_an_encoded_prompt_batch(synthetic_parquet, tiny_model_di
 
 
 def test_images_are_rgb_and_fit_max_image_side(tmp_path, tiny_model_dir):
-    from dapo_lightning.ddm import decode_image
+    from dapo_lightning.data.rows import decode_image
 
     grey = io.BytesIO()
     Image.new("L", (2000, 500), 128).save(grey, format="PNG")
@@ -120,11 +120,11 @@ def test_too_long_prompt_is_an_error_naming_the_key(synthetic_parquet, tiny_mode
 
 def test_bad_settings_name_the_key(synthetic_parquet):
     with pytest.raises(ValueError, match="data.train_path"):
-        DDMDataModule()
+        VisualMCQDataModule()
     with pytest.raises(ValueError, match="data.batch_size"):
-        DDMDataModule(train_path=str(synthetic_parquet), batch_size=0)
+        VisualMCQDataModule(train_path=str(synthetic_parquet), batch_size=0)
     with pytest.raises(ValueError, match="data.eval_ratio"):
-        DDMDataModule(train_path=str(synthetic_parquet), eval_ratio=1.5)
+        VisualMCQDataModule(train_path=str(synthetic_parquet), eval_ratio=1.5)
 
 
 def test_shard_sampler_covers_every_row_once():

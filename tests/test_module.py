@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dapo_lightning.config import LoraSettings, LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
-from dapo_lightning.data import DDMDataModule
+from dapo_lightning.data import VisualMCQDataModule
 from dapo_lightning.models import load_policy, load_processor
 from dapo_lightning.module import DAPOModule
 
@@ -53,7 +53,7 @@ def make_module(tiny_model_dir, *, rewards=("accuracy",), weights=None, G=4, T=3
 
 def fit(tmp_path, module, synthetic_parquet, tiny_model_dir, *, steps=2, callbacks=(), batch_size=2, val=False, seed=0):
     seed_everything(seed)
-    data = DDMDataModule(train_path=str(synthetic_parquet), processor=str(tiny_model_dir), batch_size=batch_size,
+    data = VisualMCQDataModule(train_path=str(synthetic_parquet), processor=str(tiny_model_dir), batch_size=batch_size,
                          eval_limit=2, system_prompt=None)
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=steps, default_root_dir=str(tmp_path), callbacks=list(callbacks),

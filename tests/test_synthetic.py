@@ -7,7 +7,7 @@ from datasets import Dataset, Image as ImageFeature
 from PIL import Image
 
 from dapo_lightning.data_prep.synthetic import COLOURS, SyntheticConfig, generate_rows, write_parquet
-from dapo_lightning.ddm import check_text, option_letters
+from dapo_lightning.data.rows import check_text, option_letters
 
 BACKGROUND = (235, 235, 235)
 

@@ -14,7 +14,7 @@ from dapo_lightning.callbacks import AttentionMetrics, MarkdownRolloutLog, Token
 from dapo_lightning.attention import CapturedAttention, token_vgr_weights
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
-from dapo_lightning.data import DDMDataModule
+from dapo_lightning.data import VisualMCQDataModule
 from dapo_lightning.module import DAPOModule
 from dapo_lightning.rewards.vgr import vgr_reward
 
@@ -39,7 +39,7 @@ def make_module(tiny_model_dir, rewards=("accuracy",), weights=None, T=4, lr=1e-
 
 def fit(tmp_path, module, synthetic_parquet, tiny_model_dir, *, steps=2, callbacks=(), val=False):
     seed_everything(0)
-    data = DDMDataModule(
+    data = VisualMCQDataModule(
         train_path=str(synthetic_parquet), processor=str(tiny_model_dir), batch_size=2, eval_limit=2, system_prompt=None
     )
     trainer = Trainer(

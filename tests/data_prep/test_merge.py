@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dapo_lightning.data_prep import merge as merge_module
-from dapo_lightning.data_prep.io import DDMParquetWriter, ddm_arrow_schema
+from dapo_lightning.data_prep.io import MCQParquetWriter, mcq_arrow_schema
 from dapo_lightning.data_prep.merge import MergeInput, SourceCounts, merge, shuffled_order
 from dapo_lightning.data_prep.pipeline import DropReport
 from dapo_lightning.data_prep.synthetic import SyntheticConfig, write_parquet as write_synthetic
@@ -21,7 +21,7 @@ def _problem(text: str) -> str:
 
 
 def _ddm(path, rows):
-    with DDMParquetWriter(path, batch_rows=2) as writer:
+    with MCQParquetWriter(path, batch_rows=2) as writer:
         for image, problem, solution in rows:
             writer.write({"image": {"bytes": image, "path": None}, "problem": problem, "solution": solution})
     return path
@@ -80,7 +80,7 @@ def test_counts_dedup_caps_and_one_schema(cli, inputs, tmp_path):
         f"    e.g. {b} row 2: solution 'Z' is not a letter A-J",
         f"wrote 5 rows to {out}",
     ]
-    assert pq.read_schema(out) == ddm_arrow_schema()
+    assert pq.read_schema(out) == mcq_arrow_schema()
     assert read_rows(out) == [
         {"image": {"bytes": RED, "path": None}, "problem": _problem("P0"), "solution": "A"},
         {"image": {"bytes": GREEN, "path": None}, "problem": _problem("P1"), "solution": "B"},
@@ -185,7 +185,7 @@ def test_a_failure_while_shuffling_leaves_the_previous_output_and_no_spill_files
     inputs = _numbered_inputs(tmp_path, [4, 4])
     out = tmp_path / "merged.parquet"
     out.write_bytes(b"last week's merge")
-    real = merge_module._as_ddm
+    real = merge_module._as_mcq_row
     calls = []
 
     def failing_in_the_second_pass(record):
@@ -194,7 +194,7 @@ def test_a_failure_while_shuffling_leaves_the_previous_output_and_no_spill_files
             raise OSError("no space left on device")
         return real(record)
 
-    monkeypatch.setattr(merge_module, "_as_ddm", failing_in_the_second_pass)
+    monkeypatch.setattr(merge_module, "_as_mcq_row", failing_in_the_second_pass)
     with pytest.raises(OSError, match="no space left"):
         cli("merge", *(item.path for item in inputs), "--shuffle", "--out", out)
     assert out.read_bytes() == b"last week's merge"

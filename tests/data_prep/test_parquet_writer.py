@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, Image as ImageFeature
 
-from dapo_lightning.ddm import ddm_features
-from dapo_lightning.data_prep.io import DDMParquetWriter, EmptyOutput, ddm_arrow_schema
+from dapo_lightning.data.rows import mcq_features
+from dapo_lightning.data_prep.io import MCQParquetWriter, EmptyOutput, mcq_arrow_schema
 from dp_helpers import png
 
 
@@ -18,14 +18,14 @@ def _row(index: int) -> dict:
 
 def test_rows_are_written_in_batches_and_datasets_decodes_image(tmp_path):
     out = tmp_path / "sub" / "out.parquet"
-    with DDMParquetWriter(out, batch_rows=2) as writer:
+    with MCQParquetWriter(out, batch_rows=2) as writer:
         for index in range(5):
             writer.write(_row(index))
     assert writer.rows_written == 5
     parquet = pq.ParquetFile(out)
     assert [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)] == [2, 2, 1]
-    assert parquet.schema_arrow == ddm_arrow_schema()
-    assert parquet.schema_arrow.metadata == ddm_features().arrow_schema.metadata
+    assert parquet.schema_arrow == mcq_arrow_schema()
+    assert parquet.schema_arrow.metadata == mcq_features().arrow_schema.metadata
 
     dataset = Dataset.from_parquet(str(out))
     assert isinstance(dataset.features["image"], ImageFeature)
@@ -38,7 +38,7 @@ def test_a_failure_leaves_the_previous_file_and_no_temporary_file(tmp_path):
     out = tmp_path / "out.parquet"
     out.write_bytes(b"previous contents")
     with pytest.raises(RuntimeError, match="boom"):
-        with DDMParquetWriter(out, batch_rows=1) as writer:
+        with MCQParquetWriter(out, batch_rows=1) as writer:
             writer.write(_row(0))
             writer.write(_row(1))  # two row groups already on disk in the temporary file
             assert writer.tmp_path.exists()
@@ -50,7 +50,7 @@ def test_a_failure_leaves_the_previous_file_and_no_temporary_file(tmp_path):
 def test_zero_rows_publish_nothing(tmp_path):
     out = tmp_path / "out.parquet"
     with pytest.raises(EmptyOutput, match="no rows to write"):
-        with DDMParquetWriter(out):
+        with MCQParquetWriter(out):
             pass
     assert list(tmp_path.iterdir()) == []
 
@@ -58,7 +58,7 @@ def test_zero_rows_publish_nothing(tmp_path):
 def test_a_row_that_does_not_fit_the_schema_publishes_nothing(tmp_path):
     out = tmp_path / "out.parquet"
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
-        with DDMParquetWriter(out, batch_rows=2) as writer:
+        with MCQParquetWriter(out, batch_rows=2) as writer:
             writer.write(_row(0))
             writer.write({"image": "not a struct", "problem": "Q", "solution": "A"})
     assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dapo_lightning.data_prep.io import ddm_arrow_schema
+from dapo_lightning.data_prep.io import mcq_arrow_schema
 from dapo_lightning.data_prep.synthetic import SyntheticConfig, write_parquet as write_synthetic
 from dp_helpers import png
 
@@ -20,7 +20,7 @@ def _file(path, rows, schema=None):
             {"image": None if image is None else {"bytes": image, "path": None}, "problem": p, "solution": s}
             for image, p, s in rows
         ],
-        schema=schema or ddm_arrow_schema(),
+        schema=schema or mcq_arrow_schema(),
     )
     pq.write_table(table, path)
     return path
@@ -111,7 +111,7 @@ def test_schema_problems_exit_2_naming_the_file(cli, tmp_path):
 
 
 def test_plain_struct_without_datasets_metadata_is_noted_not_failed(cli, tmp_path):
-    plain = pa.schema([(f.name, f.type) for f in ddm_arrow_schema()])  # same types, no huggingface metadata
+    plain = pa.schema([(f.name, f.type) for f in mcq_arrow_schema()])  # same types, no huggingface metadata
     path = _file(tmp_path / "plain.parquet", [(RED, TWO, "A")], schema=plain)
     code, stdout, _ = cli("validate", path)
     assert code == 0

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
-from dapo_lightning.data import DDMDataModule
+from dapo_lightning.data import VisualMCQDataModule
 from dapo_lightning.module import DAPOModule
 
 LETTERS = set("ABCDEFGHIJ")
@@ -44,8 +44,8 @@ def make_module(model_dir, *, rewards=("dyn_helpers.starts_with_letter",), weigh
     )
 
 
-def make_data(parquet, model_dir, *, batch_size=2, eval_limit=2) -> DDMDataModule:
-    return DDMDataModule(train_path=str(parquet), processor=str(model_dir), batch_size=batch_size,
+def make_data(parquet, model_dir, *, batch_size=2, eval_limit=2) -> VisualMCQDataModule:
+    return VisualMCQDataModule(train_path=str(parquet), processor=str(model_dir), batch_size=batch_size,
                          eval_limit=eval_limit, system_prompt=None)
 
 

@@ -16,7 +16,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 
 from dapo_lightning.cli import DAPOLightningCLI, main
-from dapo_lightning.data import DDMDataModule
+from dapo_lightning.data import VisualMCQDataModule
 from dapo_lightning.module import DAPOModule
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ class ParseOnlyCLI(DAPOLightningCLI):
 @pytest.fixture(scope="module")
 def parser():
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    cli = ParseOnlyCLI(DAPOModule, DDMDataModule, run=False, args=["--config", str(CONFIGS / "demo.yaml")],
+    cli = ParseOnlyCLI(DAPOModule, VisualMCQDataModule, run=False, args=["--config", str(CONFIGS / "demo.yaml")],
                        auto_configure_optimizers=False)
     return cli.parser
 

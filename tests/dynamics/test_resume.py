@@ -99,7 +99,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_every_state(straight_and_r
     *_, split_dir = straight_and_resumed
     checkpoint = torch.load(split_dir / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)  # only plain data
     assert checkpoint["global_step"] == 2
-    assert {"optimizer_states", "lr_schedulers", "rng_states", "DDMDataModule"} <= checkpoint.keys()
+    assert {"optimizer_states", "lr_schedulers", "rng_states", "VisualMCQDataModule"} <= checkpoint.keys()
     assert len(checkpoint["rng_states"]) == 1  # one per rank
     states = {key.split("{")[0]: value for key, value in checkpoint["callbacks"].items()}
     assert states["RewardWeightWarmup"]["boundary"] == 2

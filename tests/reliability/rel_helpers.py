@@ -200,7 +200,7 @@ def fit(root: Path, module, model_dir, parquet, *, steps=-1, batches=3, callback
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from dapo_lightning.data import DDMDataModule
+    from dapo_lightning.data import VisualMCQDataModule
 
     seed_everything(0)
     callbacks = list(callbacks)
@@ -214,7 +214,7 @@ def fit(root: Path, module, model_dir, parquet, *, steps=-1, batches=3, callback
         enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
     )
-    data = DDMDataModule(train_path=str(parquet), processor=str(model_dir), batch_size=2, eval_limit=2,
+    data = VisualMCQDataModule(train_path=str(parquet), processor=str(model_dir), batch_size=2, eval_limit=2,
                          system_prompt=None)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer

@@ -1,5 +1,5 @@
 """Images: truncated, empty, zero-size, decompression bombs, and every colour mode: converted to RGB correctly or
-rejected with a BadRow naming the file and the row, in ``ddm.decode_image`` and through the data collator."""
+rejected with a BadRow naming the file and the row, in ``mcq.decode_image`` and through the data collator."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dapo_lightning import ddm
+from dapo_lightning.data import rows as mcq
 from dapo_lightning.data import PromptCollator
 
 
@@ -65,8 +65,8 @@ CONVERTED = {  # (bytes or image, expected RGB at (0, 0), at (1, 1))
 @pytest.mark.reliability("Untrusted input", "Image: {case}", "rejected with a BadRow naming the file and row")
 def test_a_bad_image_is_rejected_with_its_row(case):
     data, reason = REJECTED[case]
-    with pytest.raises(ddm.BadRow) as error:
-        ddm.decode_image({"bytes": data, "path": None}, source="train.parquet", row=7)
+    with pytest.raises(mcq.BadRow) as error:
+        mcq.decode_image({"bytes": data, "path": None}, source="train.parquet", row=7)
     assert str(error.value).startswith(f"train.parquet: row 7: {reason}"), str(error.value)
 
 
@@ -74,14 +74,14 @@ def test_a_bomb_is_rejected_before_decoding(tmp_path):
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(ddm.BadRow, match="decompression bomb"):
-        ddm.decode_image({"bytes": bomb_png(20000)}, source="x", row=0)
+    with pytest.raises(mcq.BadRow, match="decompression bomb"):
+        mcq.decode_image({"bytes": bomb_png(20000)}, source="x", row=0)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB: the 400 MB were never allocated
 
 
 def test_zero_size_image():
-    with pytest.raises(ddm.BadRow, match="row 3: image has zero size"):
-        ddm.decode_image(Image.new("RGB", (0, 5)), source="x", row=3)
+    with pytest.raises(mcq.BadRow, match="row 3: image has zero size"):
+        mcq.decode_image(Image.new("RGB", (0, 5)), source="x", row=3)
 
 
 @pytest.mark.parametrize("case", list(CONVERTED))
@@ -89,7 +89,7 @@ def test_zero_size_image():
                          "converted to RGB with the right colours (alpha composited on white, 16 bits scaled)")
 def test_an_unusual_mode_is_converted_correctly(case):
     data, first, second = CONVERTED[case]
-    image = ddm.decode_image({"bytes": data}, source="x", row=0)
+    image = mcq.decode_image({"bytes": data}, source="x", row=0)
     assert image.mode == "RGB"
     for (x, y), expected in (((0, 0), first), ((1, 1), second)):
         assert all(abs(a - b) <= 2 for a, b in zip(image.getpixel((x, y)), expected)), (case, image.getpixel((x, y)))
@@ -99,18 +99,18 @@ def test_an_unusual_mode_is_converted_correctly(case):
                          "1:1000) and a truncated image",
                          "on_bad_row: error names the row; skip drops both and refills the batch from the next rows")
 def test_the_collator_names_or_skips_images_the_processor_rejects(processor, synthetic_rows):
-    from dapo_lightning.data import DDMDataset
+    from dapo_lightning.data import VisualMCQDataset
 
     rows = [dict(r) for r in synthetic_rows[:6]]
     rows[1]["image"] = {"bytes": encoded(Image.new("RGB", (1, 1000))), "path": None}
     rows[2]["image"] = {"bytes": RGB[: len(RGB) // 2], "path": None}
-    dataset = DDMDataset(rows, "train.parquet")
+    dataset = VisualMCQDataset(rows, "train.parquet")
     batch_rows = [dataset[i] for i in range(3)]
     strict = PromptCollator(processor, source="train.parquet", system_prompt=None, max_image_side=None,
                             max_prompt_length=None, on_bad_row="error")
-    with pytest.raises(ddm.BadRow, match=r"train.parquet: row 2: image cannot be decoded"):
+    with pytest.raises(mcq.BadRow, match=r"train.parquet: row 2: image cannot be decoded"):
         strict(batch_rows)
-    with pytest.raises(ddm.BadRow, match=r"train.parquet: row 1: the processor cannot encode it \(ValueError: "
+    with pytest.raises(mcq.BadRow, match=r"train.parquet: row 1: the processor cannot encode it \(ValueError: "
                                          r"absolute aspect ratio must be smaller than 200"):
         strict([dataset[0], dataset[1]])
     lenient = PromptCollator(processor, source="train.parquet", system_prompt=None, max_image_side=None,

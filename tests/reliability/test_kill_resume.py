@@ -104,9 +104,9 @@ def test_last_is_found_without_a_checkpoint_dirpath(tmp_path, tiny_model_dir, sy
 def test_a_synthetic_data_run_checkpoints_plain_values(tmp_path):
     import io
 
-    from dapo_lightning.data import DDMDataModule, SyntheticData
+    from dapo_lightning.data import VisualMCQDataModule, SyntheticData
 
-    data = DDMDataModule(train_path=str(tmp_path / "x.parquet"), build_synthetic_if_missing=SyntheticData(rows=10))
+    data = VisualMCQDataModule(train_path=str(tmp_path / "x.parquet"), build_synthetic_if_missing=SyntheticData(rows=10))
     buffer = io.BytesIO()
     torch.save({"datamodule_hyper_parameters": dict(data.hparams)}, buffer)  # what Lightning's checkpoint holds
     buffer.seek(0)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dapo_lightning.callbacks.markdown_log import MarkdownRolloutLog
-from dapo_lightning import ddm
+from dapo_lightning.data import rows as mcq
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import PolicyConfig
 from dapo_lightning.data import example_prompt_batch
@@ -95,7 +95,7 @@ def test_the_prompt_builder_keeps_questions_as_text(processor, special, problem)
     row = {"image": Image.new("RGB", (28, 28)), "problem": problem + "\nA: x\nB: y", "solution": "A"}
     found = special_tokens_in(row["problem"], special)
     if found:
-        with pytest.raises(ddm.BadRow, match=r"<memory>: row 0: problem contains the special token"):
+        with pytest.raises(mcq.BadRow, match=r"<memory>: row 0: problem contains the special token"):
             example_prompt_batch(processor, [row], system_prompt=None)
     else:
         batch = example_prompt_batch(processor, [row], system_prompt=None)
@@ -111,9 +111,9 @@ def test_a_question_with_a_control_token_is_a_bad_row(processor, token):
     from PIL import Image
 
     row = {"image": Image.new("RGB", (28, 28)), "problem": f"Which colour? {token}\nA: red\nB: blue", "solution": "A"}
-    with pytest.raises(ddm.BadRow, match=rf"row 0: problem contains the special token\(s\) '{token}'") as error:
+    with pytest.raises(mcq.BadRow, match=rf"row 0: problem contains the special token\(s\) '{token}'") as error:
         example_prompt_batch(processor, [row], system_prompt=None)
-    assert error.value.kind == ddm.CONTROL_TOKEN
+    assert error.value.kind == mcq.CONTROL_TOKEN
 
 
 def markdown_rollout(completion: str, prompt: str, solution: str) -> RolloutBatch:

@@ -1,7 +1,7 @@
-"""``DDMDataModule``: the merged multiple-choice parquet -> batches of encoded prompts.
+"""``VisualMCQDataModule``: the merged multiple-choice parquet -> batches of encoded prompts.
 
 Rows are read from a local parquet file (or a ``datasets`` hub name), checked with
-the same rules as ``python -m dapo_lightning.data_prep validate`` (``ddm.py``), turned into RGB
+the same rules as ``python -m dapo_lightning.data_prep validate`` (``data/rows.py``), turned into RGB
 images that fit ``max_image_side``, wrapped in the ChatML prompt (SPEC section 1)
 and encoded by the policy's processor into a ``PromptBatch``.
 
@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dapo_lightning import ddm
+from dapo_lightning.data import rows as mcq
 from dapo_lightning.batch import PromptBatch
 from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages, special_token_strings, special_tokens_in
 
@@ -46,7 +46,7 @@ class SyntheticData:
     """Shuffle each question's option order."""
 
 
-class DDMDataset(Dataset):
+class VisualMCQDataset(Dataset):
     """Rows of a DDM table, images left undecoded until a batch is built (so a bad row is named, not fatal at load)."""
 
     def __init__(self, table, source: str):
@@ -63,9 +63,9 @@ class DDMDataset(Dataset):
 class PromptCollator:
     """Turns dataset rows into a ``PromptBatch`` with the processor.
 
-    A row is unusable when its text fails ``ddm.check_text``, its problem holds one of the
+    A row is unusable when its text fails ``mcq.check_text``, its problem holds one of the
     tokenizer's special tokens (``prompts.special_tokens_in``), its image cannot be decoded
-    (``ddm.decode_image``), the processor cannot encode it (tried alone when a batch fails,
+    (``mcq.decode_image``), the processor cannot encode it (tried alone when a batch fails,
     e.g. an image with an aspect ratio above 200), or its prompt is too long.
     With ``on_bad_row="error"`` an unusable row raises ``BadRow`` naming the file and row.
     With ``"skip"`` it is dropped and counted; when ``refill_from`` is given (training),
@@ -97,13 +97,13 @@ class PromptCollator:
 
     def _prepare(self, row: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
         index = row["_index"]
-        solution = ddm.check_text(row.get("problem"), row.get("solution"), source=self.source, row=index,
+        solution = mcq.check_text(row.get("problem"), row.get("solution"), source=self.source, row=index,
                                   require_options=True)
         found = special_tokens_in(row["problem"], self._special)
         if found:
-            raise ddm.BadRow(self.source, index, f"problem contains the special token(s) {', '.join(map(repr, found))}, "
-                             "which the tokenizer would read as control tokens, not text", ddm.CONTROL_TOKEN)
-        image = ddm.decode_image(row.get("image"), source=self.source, row=index, max_side=self.max_image_side)
+            raise mcq.BadRow(self.source, index, f"problem contains the special token(s) {', '.join(map(repr, found))}, "
+                             "which the tokenizer would read as control tokens, not text", mcq.CONTROL_TOKEN)
+        image = mcq.decode_image(row.get("image"), source=self.source, row=index, max_side=self.max_image_side)
         text = self.processor.apply_chat_template(
             build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
         )
@@ -136,7 +136,7 @@ class PromptCollator:
         prepared: list[tuple[str, Any, dict[str, Any]]] = []
         skipped = 0
 
-        def drop(row_index: int, error: ddm.BadRow) -> None:
+        def drop(row_index: int, error: mcq.BadRow) -> None:
             nonlocal skipped
             if self.on_bad_row == "error":
                 raise error
@@ -152,11 +152,11 @@ class PromptCollator:
                 row = pending.pop(0)
                 try:
                     prepared.append(self._prepare(row))
-                except ddm.BadRow as error:
+                except mcq.BadRow as error:
                     drop(row["_index"], error)
             if not prepared:
                 if self.refill_from is not None:
-                    raise ddm.BadRow(self.source, rows[0]["_index"], "no usable row is left to fill a batch")
+                    raise mcq.BadRow(self.source, rows[0]["_index"], "no usable row is left to fill a batch")
                 return PromptBatch.empty().with_skipped(skipped)
             texts, images, kept = map(list, zip(*prepared))
             try:
@@ -167,7 +167,7 @@ class PromptCollator:
                 if not rejected:
                     raise
                 for i, reason in rejected.items():
-                    drop(kept[i]["_index"], ddm.BadRow(self.source, kept[i]["_index"], reason, ddm.UNENCODABLE))
+                    drop(kept[i]["_index"], mcq.BadRow(self.source, kept[i]["_index"], reason, mcq.UNENCODABLE))
                 prepared = [item for i, item in enumerate(prepared) if i not in rejected]
                 continue
             lengths = encoded["attention_mask"].sum(-1).tolist()
@@ -177,7 +177,7 @@ class PromptCollator:
                 break
             for i in too_long:
                 reason = f"prompt has {lengths[i]} tokens, more than data.max_prompt_length={limit}"
-                drop(kept[i]["_index"], ddm.BadRow(self.source, kept[i]["_index"], reason))
+                drop(kept[i]["_index"], mcq.BadRow(self.source, kept[i]["_index"], reason))
             prepared = [item for i, item in enumerate(prepared) if i not in too_long]
         columns = {k: [r[k] for r in kept] for k in kept[0] if k not in ("image", "_index")}
         batch = PromptBatch(
@@ -255,7 +255,7 @@ class ResumableShuffleSampler(DistributedSampler):
         return iter(indices)
 
 
-class DDMDataModule(LightningDataModule):
+class VisualMCQDataModule(LightningDataModule):
     """Serves a DDM parquet (image, problem, solution) as prompt batches for rollouts."""
 
     def __init__(
@@ -353,9 +353,9 @@ class DDMDataModule(LightningDataModule):
         else:
             table = load_dataset(name, self.hparams.dataset_config, split=split)
             source = f"{name}[{split}]"
-        missing = ddm.missing_columns(table.column_names)
+        missing = mcq.missing_columns(table.column_names)
         if missing:
-            raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; a DDM file has {', '.join(ddm.COLUMNS)}")
+            raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; a DDM file has {', '.join(mcq.COLUMNS)}")
         if isinstance(table.features["image"], ImageFeature):
             table = table.cast_column("image", ImageFeature(decode=False))  # decode in the collator, row named on error
         return table, source
@@ -400,7 +400,7 @@ class DDMDataModule(LightningDataModule):
             saved = self._saved_order or {}
             sampler.resume_at(epoch, done * batch_size, saved.get("seed") if saved.get("epoch") == epoch else None)
         self._train_sampler = sampler
-        dataset = DDMDataset(self.train_table, self.source)
+        dataset = VisualMCQDataset(self.train_table, self.source)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -435,7 +435,7 @@ class DDMDataModule(LightningDataModule):
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
         return DataLoader(
-            DDMDataset(self.eval_table, self.eval_source),
+            VisualMCQDataset(self.eval_table, self.eval_source),
             batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
             sampler=ShardSampler(len(self.eval_table), rank, world),
             num_workers=self.hparams.num_workers,
@@ -458,8 +458,8 @@ def example_prompt_batch(processor, rows: list[dict[str, Any]], system_prompt: s
 
 
 __all__ = [
-    "DDMDataModule",
-    "DDMDataset",
+    "VisualMCQDataModule",
+    "VisualMCQDataset",
     "PromptCollator",
     "ResumableShuffleSampler",
     "ShardSampler",

@@ -47,7 +47,7 @@ class BadRow(ValueError):
         super().__init__(f"{source}: row {row}: {reason}")
 
 
-def ddm_features():
+def mcq_features():
     """The ``datasets`` schema of a DDM file."""
     from datasets import Features, Image as ImageFeature, Value
 
