@@ -7,11 +7,12 @@ The ``small`` offline Qwen2.5-VL (4 layers, 4 heads, 64 image tokens per image) 
 the same synthetic questions in three configurations:
 
 - ``off``: the core step;
-- ``on``: ``AttentionMetrics`` (capture in the teacher-forced pass) feeding the ``vgr``
-  reward, and ``MarkdownRolloutLog`` writing the step (its own share is printed);
+- ``on``: ``AttentionMetrics`` (capture during generation, or in the teacher-forced pass with
+  another generator) feeding the ``vgr`` reward, and ``MarkdownRolloutLog`` writing the step
+  (its own share is printed);
 - ``original``: the original system's way: the policy loaded with eager attention,
   ``generate(output_attentions=True, return_dict_in_generate=True)``, the generation rows
-  collected step by step from the returned attentions (``attention.generation_step_masses``),
+  collected step by step from the returned attentions (``attention.reference.generation_step_masses``),
   feeding the ``vgr`` reward.
 
 ``off`` and ``on`` run side by side in one process, alternating step by step (an
@@ -67,20 +68,16 @@ def _reset_peak() -> None:
 
 def _child(args) -> None:
     import torch
-    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch import Trainer, seed_everything
 
-    from dapo_lightning.callbacks import AttentionMetrics, MarkdownRolloutLog
-    from dapo_lightning.attention import (
-        CapturedAttention,
-        SpecialTokens,
-        attention_report,
-        generation_rows,
-        generation_step_masses,
-        modality_masks,
-    )
+    from dapo_lightning.annotations import RowValues
+    from dapo_lightning.attention import (CapturedAttention, SpecialTokens, attention_report, generation_rows,
+                                          generation_step_masses, modality_masks)
     from dapo_lightning.batch import RolloutBatch
+    from dapo_lightning.callbacks import AttentionMetrics, MarkdownRolloutLog
     from dapo_lightning.config import OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
     from dapo_lightning.data import VisualMCQDataModule
+    from dapo_lightning.hooks import RolloutCallback
     from dapo_lightning.module import DAPOModule
     from dapo_lightning.rollout import completion_mask_from_eos
 
@@ -91,16 +88,17 @@ def _child(args) -> None:
 
         def configure_model(self) -> None:
             super().configure_model()
-            never = self.token_ids.suppress[0]
-            self.token_ids = replace(self.token_ids, eos=(never,))
+            never = self.actor.token_ids.suppress[0]
+            self.actor.token_ids = replace(self.actor.token_ids, eos=(never,))
 
     class Original(FullLength):
         """The original system: attention kept from generate(output_attentions=True), rows collected per step."""
 
-        def sample(self, batch, stage, tag=None):
+        def sample(self, batch, stage, requested_by=None):
             start = time.perf_counter()
-            settings = self.sampling(stage)
-            with self._eval_mode(), torch.no_grad():
+            settings = self.actor.sampling(stage)
+            token_ids = self.actor.token_ids
+            with self.actor.eval_mode(), torch.no_grad():
                 inputs = {
                     "input_ids": batch.input_ids,
                     "attention_mask": batch.attention_mask,
@@ -117,16 +115,16 @@ def _child(args) -> None:
                     top_k=settings.top_k,
                     num_return_sequences=settings.num_generations,
                     max_new_tokens=settings.max_new_tokens,
-                    eos_token_id=list(self.token_ids.eos),
-                    pad_token_id=self.token_ids.pad,
-                    suppress_tokens=list(self.token_ids.suppress),
+                    eos_token_id=list(token_ids.eos),
+                    pad_token_id=token_ids.pad,
+                    suppress_tokens=list(token_ids.suppress),
                     use_cache=True,
                     output_attentions=True,
                     return_dict_in_generate=True,
                 )
             P, G = batch.input_ids.shape[1], settings.num_generations
             completion_ids = out.sequences[:, P:]
-            mask, truncated = completion_mask_from_eos(completion_ids, self.token_ids.eos)
+            mask, truncated = completion_mask_from_eos(completion_ids, token_ids.eos)
             rollout = RolloutBatch(
                 prompts=batch,
                 num_generations=G,
@@ -145,44 +143,39 @@ def _child(args) -> None:
             text, vision = generation_step_masses(out.attentions, prompt_mask, mask, masks)
             del out
             L = text.shape[0]
-            captured = CapturedAttention(
-                text,
-                vision,
-                generation_rows(mask),
-                masks.num_text,
-                masks.num_vision,
-                torch.ones(L, text.shape[1], dtype=torch.bool),
-            )
+            captured = CapturedAttention(text, vision, generation_rows(mask), masks.num_text, masks.num_vision,
+                                         torch.ones(L, text.shape[1], dtype=torch.bool))
             report = attention_report(captured)
-            rollout.extras.update(vgr=report.reward_vgr.tolist(), attention=report, attention_tokens=captured)
+            rollout.annotations.update(vgr=RowValues(report.reward_vgr), attention=report, attention_tokens=captured)
             rollout.timings["attention"] = time.perf_counter() - start
             return rollout
 
-    class ProvidesVGR(Callback):
+    class ProvidesVGR(RolloutCallback):
         provides = ("vgr",)  # the Original module attaches the values itself
 
-    class StepMeter(Callback):
+    class StepMeter(RolloutCallback):
         def __init__(self):
             self.steps = []
 
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             _reset_peak()
             self.rss = _status_kib("VmRSS")
             self.start = time.perf_counter()
             self.cpu_start = time.process_time()
             self.rollout_peak = 0
 
-        def on_rollout_scored(self, trainer, module, rollout):
-            if rollout.stage == "train":
+        def on_rollout_scored(self, trainer, pl_module, rollout):
+            if rollout.stage == "train" and not rollout.is_extra:
                 self.rollout_peak = _status_kib("VmHWM") - self.rss
                 self.rollout = rollout
 
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seconds = time.perf_counter() - self.start
             cpu_seconds = time.process_time() - self.cpu_start
             peak = max(_status_kib("VmHWM") - self.rss, self.rollout_peak)
             timings = {k: v for k, v in self.rollout.timings.items()}
-            label = "original" if args.child == "original" else ("on" if "attention" in self.rollout.extras else "off")
+            captured = "attention" in self.rollout.annotations
+            label = "original" if args.child == "original" else ("on" if captured else "off")
             self.steps.append(
                 {
                     "config": label,
@@ -197,7 +190,7 @@ def _child(args) -> None:
     class EveryOtherRollout(AttentionMetrics):
         """Captures training rollouts 0, 2, 4, ...: 'on' and 'off' steps alternate in one process."""
 
-        def should_capture(self, stage: str) -> bool:
+        def should_capture(self, pl_module, stage: str) -> bool:
             return self.train_rollouts % 2 == 0
 
     original = args.child == "original"
@@ -244,23 +237,25 @@ def _teacher_forced_cpu_seconds(module, rollout, repeats: int) -> dict[str, floa
     """Median CPU seconds of the module's teacher-forced forward over ``rollout``, without and with the capture."""
     import torch
 
-    from dapo_lightning.attention import SpecialTokens
-    from dapo_lightning.attention_capture import AttentionCapture
-    from dapo_lightning.rollout import completion_logps
+    from dapo_lightning.attention import SpecialTokens, TeacherForcedRecorder
+    from dapo_lightning.logprobs import completion_logps
+    from dapo_lightning.update import row_chunks
 
     special = SpecialTokens.from_tokenizer(module.tokenizer)
     policy = module.policy.eval()
     times: dict[str, list[float]] = {"plain": [], "capture": []}
     for _ in range(repeats):
         for kind in times:
-            capture = AttentionCapture(policy, special, rollout.num_rows, rollout.completion_ids.shape[1])
+            recorder = TeacherForcedRecorder(policy, special, rollout.num_rows, rollout.completion_ids.shape[1])
             start = time.process_time()
-            with torch.no_grad(), capture if kind == "capture" else contextlib.nullcontext():
-                for rows in module.row_chunks(rollout.num_rows):
+            with torch.no_grad(), recorder if kind == "capture" else contextlib.nullcontext():
+                for rows in row_chunks(rollout.num_rows, module.optim_cfg.micro_batch_size):
                     inputs = rollout.model_inputs(rows)
                     if kind == "capture":
-                        capture.before_forward(rows, inputs)
+                        recorder.before_chunk(rows, inputs)
                     completion_logps(policy, inputs)
+            if kind == "capture":
+                recorder.finish(rollout)
             times[kind].append(time.process_time() - start)
     return {kind: statistics.median(values) for kind, values in times.items()}
 

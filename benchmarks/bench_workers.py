@@ -158,17 +158,19 @@ def torch_equal(a, b) -> bool:
 
 def _run_ours(conn, job: dict) -> None:
     import torch
-    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch import Trainer, seed_everything
     from torch.utils.data import DataLoader
 
+    import dapo_lightning.actor as actor_mod
     import dapo_lightning.data as data_mod
-    import dapo_lightning.hooks as hooks_mod
+    import dapo_lightning.logprobs as logprobs_mod
     import dapo_lightning.module as module_mod
-    import dapo_lightning.rollout as rollout_mod
+    import dapo_lightning.update as update_mod
     from benchmarks.bench_setup import question_rows
     from benchmarks.phases import OTHER, PhaseClock, model_phase, vision_phase
     from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
-    from dapo_lightning.data import VisualMCQDataset, PromptCollator
+    from dapo_lightning.data import PromptCollator, VisualMCQDataset
+    from dapo_lightning.hooks import RolloutCallback
     from dapo_lightning.models import load_processor
     from dapo_lightning.module import DAPOModule
 
@@ -182,12 +184,11 @@ def _run_ours(conn, job: dict) -> None:
 
     if clock is not None:  # module-level names the step looks up at call time
         clock.patch(data_mod.PromptCollator, "__call__", "data (images, chat template, tokens)")
-        clock.patch(module_mod, "generate", "decode loop (sampling, cache, Python)")
-        clock.patch(rollout_mod, "selective_log_softmax", "log-softmax")
-        clock.patch(rollout_mod, "entropy_from_logits", "entropy")
-        clock.patch(module_mod, "dapo_policy_loss", "loss")
+        clock.patch(actor_mod, "generate", "decode loop (sampling, cache, Python)")
+        clock.patch(logprobs_mod, "selective_log_softmax", "log-softmax")
+        clock.patch(logprobs_mod, "entropy_from_logits", "entropy")
+        clock.patch(update_mod, "dapo_policy_loss", "loss")
         clock.patch(module_mod, "score", "rewards")
-        clock.patch(hooks_mod, "call_hook", "rollout callbacks")
 
     rows = question_rows(_shape(job), B * total)
     collate = PromptCollator(load_processor(job["folder"]), source="bench", system_prompt=job["system_prompt"],
@@ -203,23 +204,23 @@ def _run_ours(conn, job: dict) -> None:
         export_final=False,
     )
 
-    class Stepper(Callback):
+    class Stepper(RolloutCallback):
         def on_train_start(self, trainer, pl_module):
             self.probe = ParamProbe(pl_module.policy)
             if clock is not None:
                 clock.patch(pl_module, "manual_backward", "backward")
                 clock.patch(pl_module, "_clip_gradients", "grad clip")
-                clock.patch(pl_module, "log_rollout", "logging")
+                clock.patch(pl_module, "log_step", "logging")
                 clock.patch(trainer.optimizers[0], "step", "optimizer step")
                 clock.hook(pl_module.policy, model_phase(clock))
                 clock.hook(pl_module.policy.model.visual, vision_phase(clock))
             gate.ready({"parameters": sum(p.numel() for p in pl_module.policy.parameters()),
-                        "shares_prompts": pl_module.shares_prompts})
+                        "shares_prompts": pl_module.actor.shares_prompts_in_logps})
 
-        def on_rollout_update_end(self, trainer, pl_module, rollout, metrics):
+        def on_rollout_update_end(self, trainer, pl_module, rollout, result):
             lengths = rollout.completion_lengths
             gate.pending.update(tokens=int(lengths.sum()), min_length=int(lengths.min()), max_length=int(lengths.max()),
-                                loss=float(metrics["loss"]), rows=rollout.num_rows)
+                                loss=float(result.loss), rows=rollout.num_rows)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             gate.step_done()

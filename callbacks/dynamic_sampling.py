@@ -10,7 +10,7 @@ section 3.2) over-samples prompts and keeps only groups with 0 < correct < G. He
    the callback draws ``ceil(oversample_factor * B)`` more prompts from the training
    set with its own seeded sampler (under DDP from the rows the data loader gives this rank
    in this epoch, so no other rank trains on them) and rolls them out through
-   ``module.make_rollout(..., tag="dynamic_sampling")``, so rewards, reward weights and
+   ``pl_module.make_rollout(..., requested_by="dynamic_sampling")``, so rewards, reward weights and
    attention annotations are computed exactly as for the step's own prompts;
 3. it repeats at most ``max_tries`` times, then trains on B groups: the kept groups in
    the order they were generated (the loader's first), filled up, if still short, with
@@ -22,10 +22,11 @@ micro-batches. Under DDP the ranks agree on each extra round (an all-reduce of "
 short anywhere"): a rank with enough groups generates along and discards, because a
 generation round may contain collectives (batch-scaled advantages, logging).
 
-Extra rollouts are tagged: callbacks that act once per step (the replay buffer, log
-writers) skip them, and this callback ignores them, so it never recurses. Order in
-``trainer.callbacks``: after the callbacks that annotate a rollout (AttentionMetrics,
-TokenWeights, RewardWeightWarmup), before ``ReplayBuffer`` (checked at fit start).
+Extra rollouts are marked (``rollout.is_extra``): callbacks that act once per step (the
+replay buffer, log writers) skip them, and this callback ignores them, so it never
+recurses. A group moved into the step brings its annotations (attention statistics, VGR)
+and its faults (a NaN found in it skips the step). Order in ``trainer.callbacks``: before
+``ReplayBuffer``, which declares it runs after ``group_selection`` (checked at set-up).
 """
 
 from __future__ import annotations
@@ -36,30 +37,29 @@ import time
 from typing import Literal
 
 import torch
-import torch.distributed as dist
-from lightning.pytorch import Callback
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from dapo_lightning.callbacks.groups import assemble, check_runs_after_row_readers, group_record
-from dapo_lightning import checkpointing
+from dapo_lightning import distributed
+from dapo_lightning.groups import assemble, take_group
+from dapo_lightning.hooks import RolloutCallback
+from dapo_lightning.metrics import row_accuracy
 
 TAG = "dynamic_sampling"
 KEEP_RULES = ("reward_std", "accuracy")
 
 
-def kept_groups(rollout, module, keep_if: str, epsilon: float) -> Tensor:
+def kept_groups(rollout, keep_if: str, epsilon: float) -> Tensor:
     """[B] bool: the groups with a learning signal."""
     G = rollout.num_generations
     if keep_if == "accuracy":
-        correct = module.rollout_accuracy(rollout).view(-1, G).round().sum(dim=1)  # [B]
+        correct = row_accuracy(rollout).view(-1, G).round().sum(dim=1)  # [B]
         return (correct > 0) & (correct < G)
     return rollout.rewards.float().view(-1, G).std(dim=1) > epsilon  # [B]
 
 
-class DynamicSampling(Callback):
-    needs_old_logps = False
-    provides = ()
+class DynamicSampling(RolloutCallback):
+    provides = ("group_selection",)  # the step trains on the groups it selects (the replay buffer runs after)
 
     def __init__(
         self,
@@ -96,7 +96,6 @@ class DynamicSampling(Callback):
         self._loaded: dict | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        check_runs_after_row_readers(trainer, self)
         if self._generator is None:
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
             self._generator = torch.Generator().manual_seed(seed + trainer.global_rank)
@@ -110,32 +109,32 @@ class DynamicSampling(Callback):
 
     # --- the work -------------------------------------------------------------------------------------
 
-    def on_rollout_scored(self, trainer, module, rollout) -> None:
-        if rollout.stage != "train" or rollout.tag is not None:
+    def on_rollout_scored(self, trainer, pl_module, rollout) -> None:
+        if rollout.stage != "train" or rollout.is_extra:
             return
         start = time.perf_counter()
         B = rollout.num_groups
-        keep = kept_groups(rollout, module, self.keep_if, self.epsilon)
+        keep = kept_groups(rollout, self.keep_if, self.epsilon)
         chosen: list[tuple] = [(rollout, g) for g in keep.nonzero().flatten().tolist()]
         spare = [(rollout, g) for g in (~keep).nonzero().flatten().tolist()]
         filtered = len(spare)
         rounds, generated = 1, B
-        while rounds - 1 < self.max_tries and self._anyone_short(len(chosen) < B, module):
-            prompts = self._draw(trainer, module, math.ceil(self.oversample_factor * B))
-            extra = module.make_rollout(prompts, "train", tag=TAG)
+        while rounds - 1 < self.max_tries and distributed.any_process(len(chosen) < B, trainer.strategy.root_device):
+            prompts = self._draw(trainer, math.ceil(self.oversample_factor * B))
+            extra = pl_module.make_rollout(prompts, "train", requested_by=TAG)
             rounds += 1
             generated += extra.num_groups
-            extra_keep = kept_groups(extra, module, self.keep_if, self.epsilon)
+            extra_keep = kept_groups(extra, self.keep_if, self.epsilon)
             chosen += [(extra, g) for g in extra_keep.nonzero().flatten().tolist()]
             filtered += int((~extra_keep).sum())
         final = chosen[:B]
         filled = max(0, B - len(final))
         final += spare[:filled]
         if [(id(r), g) for r, g in final] != [(id(rollout), g) for g in range(B)]:
-            records = [group_record(r, g) for r, g in final]  # taken before the rollout is overwritten
-            assemble(rollout, records, pad_id=module.token_ids.pad)
+            groups = [take_group(r, g) for r, g in final]  # taken before the rollout is overwritten
+            assemble(rollout, groups, pad_id=pl_module.pad_token_id)
         rollout.timings["dynamic_sampling"] = time.perf_counter() - start
-        module.log_dict(
+        pl_module.log_dict(
             {
                 "train/dynamic_sampling/kept_groups": float(min(len(chosen), B)),
                 "train/dynamic_sampling/filtered_groups": float(filtered),
@@ -144,17 +143,9 @@ class DynamicSampling(Callback):
             },
             on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1, reduce_fx="sum", batch_size=1,
         )
-        module.log("train/dynamic_sampling/rounds", float(rounds), on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("train/dynamic_sampling/rounds", float(rounds), on_step=True, on_epoch=False, batch_size=1)
 
-    def _anyone_short(self, short: bool, module) -> bool:
-        """Whether any rank still lacks groups (every rank must take the same number of extra rounds)."""
-        if not checkpointing.distributed():
-            return short
-        flag = torch.tensor([1.0 if short else 0.0], device=module.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-    def _draw(self, trainer, module, count: int):
+    def _draw(self, trainer, count: int):
         """``count`` prompts of this rank's shard of the training set, encoded and on the module's device."""
         loader = trainer.train_dataloader
         dataset, collate = loader.dataset, loader.collate_fn
@@ -179,7 +170,7 @@ class DynamicSampling(Callback):
 
     def state_dict(self) -> dict:
         mine = {"generator": self._generator.get_state() if self._generator is not None else None}
-        return {"per_rank": checkpointing.gather_per_rank(mine)}
+        return {"per_rank": distributed.gather_per_rank(mine)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._loaded = state_dict

@@ -14,34 +14,31 @@ questions out again, once per variant, with the module's validation sampling:
 It logs ``val/probe/<variant>/accuracy`` and ``val/probe/visual_reliance``, the accuracy
 with the image minus the accuracy with a black image: near 0, the answers do not depend
 on the picture. Counts are summed over batches and processes, so the numbers are
-exact over the held-out set. The probe rollouts are tagged ``probe:<variant>``, so
-log writers and metrics of the module's own validation skip them.
+exact over the held-out set. The probe rollouts are requested as ``probe:<variant>``
+(``rollout.is_extra``), so log writers and metrics of the module's own validation skip them.
 """
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
-import torch.distributed as dist
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from dapo_lightning import checkpointing
+from dapo_lightning import distributed
 from dapo_lightning.data import rows as mcq
+from dapo_lightning.hooks import RolloutCallback
+from dapo_lightning.metrics import row_accuracy
 
 VARIANTS = ("image_text", "image_only", "text_black", "text_white", "text_noise")
 NEUTRAL_PROMPT = "Look at the image and choose the correct option."
-_OPTION_LINE = re.compile(r"^\s*[A-J]\s*[:：.)]")
 
 
 def neutral_problem(problem: str, neutral_prompt: str = NEUTRAL_PROMPT) -> str:
-    """The problem with every line before the first option line replaced by ``neutral_prompt``."""
+    """The problem with every line before the first option line (``rows.OPTION_LINE``) replaced by ``neutral_prompt``."""
     lines = problem.split("\n")
-    first_option = next((i for i, line in enumerate(lines) if _OPTION_LINE.match(line)), len(lines))
-    return "\n".join([neutral_prompt, *lines[first_option:]])
+    first_option = mcq.first_option_line(problem)
+    return "\n".join([neutral_prompt, *lines[len(lines) if first_option is None else first_option :]])
 
 
 def blank_image(size: tuple[int, int], kind: str, seed: int = 0) -> Image.Image:
@@ -56,9 +53,7 @@ def blank_image(size: tuple[int, int], kind: str, seed: int = 0) -> Image.Image:
     raise ValueError(f"blank_image: unknown kind {kind!r}")
 
 
-class ModalityProbe(Callback):
-    needs_old_logps = False
-    provides = ()
+class ModalityProbe(RolloutCallback):
 
     def __init__(self, variants: list[str] = list(VARIANTS), neutral_prompt: str = NEUTRAL_PROMPT, noise_seed: int = 0):
         """
@@ -84,9 +79,9 @@ class ModalityProbe(Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._sums.zero_()
 
-    def on_rollout_scored(self, trainer, module, rollout) -> None:
-        if rollout.stage == "val" and rollout.tag is None:  # the module's own validation rollout
-            accuracy = module.rollout_accuracy(rollout)
+    def on_rollout_scored(self, trainer, pl_module, rollout) -> None:
+        if rollout.stage == "val" and not rollout.is_extra:  # the module's own validation rollout
+            accuracy = row_accuracy(rollout)
             self._image_text = (float(accuracy.sum()), float(accuracy.numel()))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -102,8 +97,8 @@ class ModalityProbe(Callback):
                 continue
             probe_rows = [self._variant_row(row, variant, collate) for row in rows]
             prompts = trainer.strategy.batch_to_device(trainer.precision_plugin.convert_input(collate(probe_rows)))
-            rollout = pl_module.make_rollout(prompts, "val", tag=f"probe:{variant}")
-            accuracy = pl_module.rollout_accuracy(rollout)
+            rollout = pl_module.make_rollout(prompts, "val", requested_by=f"probe:{variant}")
+            accuracy = row_accuracy(rollout)
             self._sums[k] += torch.tensor([float(accuracy.sum()), float(accuracy.numel())], dtype=torch.float64)
         self._image_text = None
 
@@ -116,11 +111,7 @@ class ModalityProbe(Callback):
         return {**row, "image": blank_image(image.size, kind, seed=self.noise_seed + int(row["_index"]))}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        sums = self._sums.clone()
-        if checkpointing.distributed():
-            sums = sums.to(pl_module.device)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-            sums = sums.cpu()
+        sums = distributed.global_sum(self._sums.to(trainer.strategy.root_device)).cpu()
         values = {}
         for k, variant in enumerate(self.variants):
             correct, count = sums[k].tolist()

@@ -10,7 +10,7 @@ than the buffer holds).
 
 How this departs from the original trainer (and TRL's ``GRPOWithReplayBuffer``):
 - a stored group carries its own prompt ids, image tensors and grid, completions,
-  masks, rewards, advantages and sampling log-probs (``callbacks/groups.py``), so a
+  masks, rewards, advantages and sampling log-probs (``dapo_lightning/groups.py``), so a
   replayed completion is trained with its own image and question; the original
   swapped only completions, pairing them with the wrong image;
 - replacements are drawn from the buffer as it was *before* this step's groups are
@@ -21,7 +21,7 @@ How this departs from the original trainer (and TRL's ``GRPOWithReplayBuffer``):
 Replayed rows keep the advantages and old log-probs of the step that sampled them (the
 clipped ratio corrects for the policy having moved since); their token weights are 1
 and ``rollout.replayed`` marks them. Validation never replays, and neither do extra
-rollouts other callbacks ask for (``rollout.tag``). Under DDP each rank keeps and
+rollouts other callbacks ask for (``rollout.is_extra``). Under DDP each rank keeps and
 replays its own groups; a replacement keeps the rank's row count, so every rank runs
 the same number of micro-batches (DDP all-reduces at each backward), and padding is
 redone for the assembled batch.
@@ -33,12 +33,12 @@ import heapq
 import os
 
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from dapo_lightning.callbacks.groups import assemble, check_runs_after_row_readers, group_record
-from dapo_lightning import checkpointing
+from dapo_lightning import distributed
+from dapo_lightning.groups import Group, assemble, take_group
+from dapo_lightning.hooks import RolloutCallback
 
 
 def group_statistics(rewards: Tensor, advantages: Tensor, num_generations: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,9 +65,9 @@ def sample_proportional(scores: Tensor, k: int, generator: torch.Generator) -> l
     return torch.multinomial(probs, k, replacement=k > len(scores), generator=generator).tolist()
 
 
-class ReplayBuffer(Callback):
+class ReplayBuffer(RolloutCallback):
     needs_old_logps = True  # a stored group must keep the log-probs of the policy that sampled it
-    provides = ()
+    runs_after = ("group_selection",)  # dynamic sampling filters the batch before the buffer fills what is left
 
     def __init__(
         self,
@@ -99,7 +99,7 @@ class ReplayBuffer(Callback):
         self.filter_min_reward = filter_min_reward
         self.save_in_checkpoint = save_in_checkpoint
         self.seed = seed
-        self._heap: list[tuple[float, int, dict]] = []  # (score, insertion order, record): a min-heap on score
+        self._heap: list[tuple[float, int, Group]] = []  # (score, insertion order, group): a min-heap on score
         self._counter = 0
         self._generator: torch.Generator | None = None
         self._reward_names: list[str] = []
@@ -109,19 +109,8 @@ class ReplayBuffer(Callback):
     # --- set-up ---------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from dapo_lightning.callbacks.dynamic_sampling import DynamicSampling
-
-        callbacks = list(trainer.callbacks)
-        mine = callbacks.index(self)
-        for i, callback in enumerate(callbacks):
-            if isinstance(callback, DynamicSampling) and i > mine:
-                raise ValueError(
-                    "trainer.callbacks: list DynamicSampling before ReplayBuffer (dynamic sampling must filter the "
-                    "batch before the buffer replaces what is left ineligible)"
-                )
-        check_runs_after_row_readers(trainer, self)
-        self._reward_names = [spec.name for spec in pl_module.reward_specs]
-        self._num_generations = pl_module.rollout_cfg.num_generations
+        self._reward_names = list(pl_module.reward_names)
+        self._num_generations = pl_module.num_generations
         if self._generator is None:
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
             self._generator = torch.Generator().manual_seed(seed + trainer.global_rank)
@@ -133,50 +122,40 @@ class ReplayBuffer(Callback):
 
     # --- the work -------------------------------------------------------------------------------------
 
-    def on_rollout_scored(self, trainer, module, rollout) -> None:
-        if rollout.stage != "train" or rollout.tag is not None:
+    def on_rollout_scored(self, trainer, pl_module, rollout) -> None:
+        if rollout.stage != "train" or rollout.is_extra:
             return
         G = rollout.num_generations
         std, mean, score = group_statistics(rollout.rewards, rollout.advantages, G)
         ok = eligible_groups(std, mean, var_epsilon=self.replay_var_epsilon, min_reward=self.filter_min_reward)
         ineligible = (~ok).nonzero().flatten().tolist()
-        fresh = [(float(score[g]), group_record(rollout, g, device="cpu", pixel_dtype=self._pixel_dtype(module)))
+        fresh = [(float(score[g]), take_group(rollout, g, device="cpu", pixel_dtype=pl_module.policy_dtype))
                  for g in ok.nonzero().flatten().tolist()]
 
         replaced = 0
         if ineligible and self._heap:
-            draws = sample_proportional(torch.tensor([s for s, _, _ in self._heap]), len(ineligible), self._generator)
-            records = []
-            replacements = iter(draws)
-            for g in range(rollout.num_groups):
-                if g in ineligible:
-                    records.append(_as_replayed(self._heap[next(replacements)][2]))
-                else:
-                    records.append(group_record(rollout, g))
-            assemble(rollout, records, pad_id=module.token_ids.pad)
+            draws = iter(sample_proportional(torch.tensor(self.scores), len(ineligible), self._generator))
+            groups = [self._heap[next(draws)][2].as_replayed() if g in ineligible else take_group(rollout, g)
+                      for g in range(rollout.num_groups)]
+            assemble(rollout, groups, pad_id=pl_module.pad_token_id)
             replaced = len(ineligible)
 
-        for value, record in fresh:
-            self._push(value, record)
+        for value, group in fresh:
+            self._push(value, group)
 
-        module.log_dict(
+        pl_module.log_dict(
             {"train/replay/replaced_groups": float(replaced), "train/replay/ineligible_groups": float(len(ineligible))},
             on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1, reduce_fx="sum", batch_size=1,
         )
-        scores = [s for s, _, _ in self._heap]
-        module.log_dict(
+        scores = self.scores
+        pl_module.log_dict(
             {"train/replay/fill": float(len(self._heap)),
              "train/replay/mean_score": float(sum(scores) / len(scores)) if scores else 0.0},
             on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1, reduce_fx="mean", batch_size=1,
         )
 
-    def _pixel_dtype(self, module) -> torch.dtype | None:
-        policy = getattr(module, "policy", None)
-        return next(policy.parameters()).dtype if policy is not None else None
-
-    def _push(self, score: float, record: dict) -> None:
-        record["rows"].pop("token_weights", None)  # replayed rows get weight 1 (SPEC 6)
-        item = (score, self._counter, record)
+    def _push(self, score: float, group: Group) -> None:
+        item = (score, self._counter, group.for_storage())  # replayed rows get weight 1 (SPEC 6)
         self._counter += 1
         if len(self._heap) < self.replay_buffer_size:
             heapq.heappush(self._heap, item)
@@ -193,7 +172,9 @@ class ReplayBuffer(Callback):
     # --- checkpoint -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        groups = [{"score": s, "order": c, "record": r} for s, c, r in self._heap] if self.save_in_checkpoint else []
+        groups = [{"score": s, "order": c, "record": g.state()} for s, c, g in self._heap]
+        if not self.save_in_checkpoint:
+            groups = []
         mine = {
             "groups": groups,
             "counter": self._counter,
@@ -204,7 +185,7 @@ class ReplayBuffer(Callback):
             "reward_names": list(self._reward_names),
             "num_generations": self._num_generations,
             "contents_saved": self.save_in_checkpoint,
-            "per_rank": checkpointing.gather_per_rank(mine),  # index = rank; only rank 0's file is written
+            "per_rank": distributed.gather_per_rank(mine),  # index = rank; only rank 0's file is written
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -229,8 +210,8 @@ class ReplayBuffer(Callback):
             )
         per_rank = state.get("per_rank") or []
         rank, world = trainer.global_rank, trainer.world_size
-        shares = checkpointing.rank_share(per_rank, rank, world)
-        items = [(g["score"], g["order"], g["record"]) for share in shares for g in share["groups"]]
+        shares = distributed.rank_share(per_rank, rank, world)
+        items = [(g["score"], g["order"], Group.from_state(g["record"])) for share in shares for g in share["groups"]]
         if len(per_rank) == world and shares:
             self._heap = items  # the saved heap, in its saved order
             self._counter = shares[0]["counter"]
@@ -248,11 +229,3 @@ class ReplayBuffer(Callback):
         if not state.get("contents_saved", True):
             rank_zero_warn("ReplayBuffer: the checkpoint was saved without the buffer's groups; it starts empty")
 
-
-def _as_replayed(record: dict) -> dict:
-    """A shallow copy of a stored record whose rows are marked as replayed."""
-    G = record["rows"]["completion_ids"].shape[0]
-    rows = dict(record["rows"])
-    rows["replayed"] = torch.ones(G, dtype=torch.bool)
-    rows.pop("token_weights", None)
-    return {**record, "rows": rows}

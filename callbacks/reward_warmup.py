@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+
+from dapo_lightning.hooks import RolloutCallback
 
 DEFAULT_FRACTION = 0.1
 
@@ -32,9 +33,7 @@ def early_phase_end(max_steps: int, warmup_ratio: float) -> int:
     return int(max_steps * (warmup_ratio if warmup_ratio > 0 else DEFAULT_FRACTION))
 
 
-class RewardWeightWarmup(Callback):
-    needs_old_logps = False
-    provides = ()
+class RewardWeightWarmup(RolloutCallback):
 
     def __init__(self, early_reward_weights: list[float], warmup_ratio: float | None = None):
         """
@@ -59,16 +58,15 @@ class RewardWeightWarmup(Callback):
         self._reward_names: list[str] = []
         self._loaded: dict | None = None
 
+    @property
+    def alternative_reward_weights(self) -> dict[str, list[float]]:
+        # hooks.check_callbacks: one weight per reward, and a reward weighted here must have its inputs
+        return {"RewardWeightWarmup.early_reward_weights": self.early_reward_weights}
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        # Before the sanity validation: a wrong length fails before anything is generated.
-        names = [spec.name for spec in pl_module.reward_specs]
-        if len(self.early_reward_weights) != len(names):
-            raise ValueError(
-                f"RewardWeightWarmup.early_reward_weights: has {len(self.early_reward_weights)} weights but "
-                f"model.rewards.reward_funcs has {len(names)} rewards ({', '.join(names)})"
-            )
-        self._reward_names = names
-        ratio = self.warmup_ratio if self.warmup_ratio is not None else pl_module.optim_cfg.warmup_ratio
+        # Before the sanity validation: the boundary is known before anything is generated.
+        self._reward_names = list(pl_module.reward_names)
+        ratio = self.warmup_ratio if self.warmup_ratio is not None else pl_module.warmup_ratio
         self.boundary = early_phase_end(pl_module.total_optimizer_steps(), ratio)
         if self._loaded is not None:  # restored before fit start (all strategies but DeepSpeed)
             self._install(self._loaded)
@@ -80,13 +78,13 @@ class RewardWeightWarmup(Callback):
     def early(self, global_step: int) -> bool:
         return self.boundary is not None and global_step < self.boundary
 
-    def on_rollout_generated(self, trainer, module, rollout) -> None:
+    def on_rollout_generated(self, trainer, pl_module, rollout) -> None:
         if self.early(trainer.global_step):
             rollout.reward_weights = torch.tensor(
                 self.early_reward_weights, dtype=torch.float32, device=rollout.reward_weights.device
             )
-        if rollout.stage == "train" and rollout.tag is None:
-            module.log("train/reward_warmup/early", float(self.early(trainer.global_step)), on_step=True,
+        if rollout.stage == "train" and not rollout.is_extra:
+            pl_module.log("train/reward_warmup/early", float(self.early(trainer.global_step)), on_step=True,
                        on_epoch=False, batch_size=1)
 
     # --- checkpoint -----------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """``TokenWeights``: per-token advantage multipliers from attention grounding (SPEC section 4).
 
-For every training rollout it turns the per-token attention masses that
-``AttentionMetrics`` captured into weights w [N, T] and sets ``rollout.token_weights``;
-the loss then uses A_i · w_{i,t} in place of A_i (``DAPOModule.update``).
+For every training rollout (extra ones included) it turns the per-token attention masses that
+``AttentionMetrics`` captured (the ``attention_tokens`` annotation, which travels with its
+groups, so this callback may stand anywhere in ``trainer.callbacks``) into weights w [N, T]
+and sets ``rollout.token_weights``; the loss then uses A_i · w_{i,t} in place of A_i
+(``dapo_lightning.update``).
 
 - ``variant="inverse_vgr"`` (the original code's, default): w = 1/(token VGR), optionally
   Gaussian-smoothed along the completion, divided by its mean over the completion's
@@ -13,12 +15,14 @@ the loss then uses A_i · w_{i,t} in place of A_i (``DAPOModule.update``).
   normalised to sum 1 over the completion (no clip, no top-k).
 
 The completion's last token (it has no generation row), padding and replayed rows
-(SPEC 6) get 1; so do completions whose prompt has no vision tokens. Validation
-rollouts are not weighted (they do not update). Without this callback
-``rollout.token_weights`` stays None and the loss is exactly the core loss.
+(SPEC 6) get 1; so do completions whose prompt has no vision tokens and rows without
+statistics (a group that arrived without them). Validation rollouts are not weighted
+(they do not update). Without this callback ``rollout.token_weights`` stays None and the
+loss is exactly the core loss.
 
 Logs ``train/token_weights/{mean,std,min,max,frac_above_1,frac_below_1}`` over the
-weighted (non-replayed, valid) tokens and, every ``histogram_every_n_steps`` rollouts,
+weighted (non-replayed, valid) tokens (``dapo_lightning.metrics.token_weight_stats``, the
+numbers the Markdown log shows too) and, every ``histogram_every_n_steps`` rollouts,
 a TensorBoard histogram ``train/token_weights``.
 """
 
@@ -27,18 +31,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dapo_lightning.attention import token_vgr_weights, token_vision_share_weights
+from dapo_lightning.hooks import RolloutCallback
+from dapo_lightning.metrics import token_weight_stats
 
 TOKEN_WEIGHT_VARIANTS = ("inverse_vgr", "vision_share")
 DEFAULT_CLIP = (0.2, 3.0)
 DEFAULT_TOPK_RATIO = 0.4
 
 
-class TokenWeights(Callback):
+class TokenWeights(RolloutCallback):
     needs = ("attention_tokens",)
+    provider_hint = "dapo_lightning.callbacks.AttentionMetrics"
 
     def __init__(
         self,
@@ -85,20 +91,9 @@ class TokenWeights(Callback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self.train_rollouts = 0
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        provided = set()
-        for callback in trainer.callbacks:
-            provided.update(getattr(callback, "provides", ()) or ())
-        missing = [key for key in self.needs if key not in provided]
-        if missing:
-            raise ValueError(
-                f"TokenWeights needs per-token attention statistics ({', '.join(missing)}) that no callback provides; "
-                "add dapo_lightning.callbacks.AttentionMetrics to trainer.callbacks"
-            )
-
     def weights(self, rollout) -> torch.Tensor:
         """The [N, T] multipliers of ``rollout`` (1 everywhere it has no statistics)."""
-        captured = rollout.extras.get("attention_tokens")
+        captured = rollout.annotations.get("attention_tokens")
         N, T = rollout.completion_ids.shape
         device = rollout.completion_ids.device
         if captured is None:
@@ -138,27 +133,21 @@ class TokenWeights(Callback):
         weights = self.weights(rollout)  # [N, T]
         rollout.token_weights = weights
         self.train_rollouts += 1
-        self._log(trainer, pl_module, rollout, weights)
+        self._log(trainer, pl_module, rollout)
 
-    def _log(self, trainer, pl_module, rollout, weights: torch.Tensor) -> None:
-        valid = rollout.completion_mask.bool()
-        if rollout.replayed is not None:
-            valid = valid & ~rollout.replayed.bool().unsqueeze(-1)
-        values = weights[valid].float().cpu()
-        if values.numel() == 0:
+    def _log(self, trainer, pl_module, rollout) -> None:
+        stats = token_weight_stats(rollout)  # float64 over the weighted tokens; None when there are none
+        if stats is None:
             return
-        stats = {
-            "mean": values.mean(),
-            "std": values.std() if values.numel() > 1 else torch.zeros(()),
-            "min": values.min(),
-            "max": values.max(),
-            "frac_above_1": (values > 1).float().mean(),
-            "frac_below_1": (values < 1).float().mean(),
-        }
+        count = int(stats.pop("count"))
         for name, value in stats.items():
-            pl_module.log(f"train/token_weights/{name}", value, on_step=True, on_epoch=False, batch_size=values.numel())
+            pl_module.log(f"train/token_weights/{name}", value, on_step=True, on_epoch=False, batch_size=count)
         n = self.histogram_every_n_steps
         if n and (self.train_rollouts - 1) % n == 0 and trainer.is_global_zero:
+            valid = rollout.completion_mask.bool()
+            if rollout.replayed is not None:
+                valid = valid & ~rollout.replayed.bool().unsqueeze(-1)
+            values = rollout.token_weights[valid].float().cpu()
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_histogram("train/token_weights", values, global_step=trainer.global_step)

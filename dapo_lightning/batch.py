@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from dapo_lightning.annotations import Annotation, RowValues
+
 if TYPE_CHECKING:
     from dapo_lightning.guards import Fault
 
@@ -110,8 +112,8 @@ class RolloutBatch:
 
     Filled in order by the module: generation (``completion_*``), an optional
     teacher-forced pass (``old_logps``, ``ref_logps``), callbacks' annotations
-    (``extras``, e.g. ``extras["vgr"]``), scoring (``rewards_*``, ``advantages``), and
-    callbacks again (``token_weights``, replayed groups) before the loss.
+    (``annotations``, e.g. ``annotations["vgr"]``), scoring (``rewards_*``, ``advantages``),
+    and callbacks again (``token_weights``, replayed groups) before the loss.
     """
 
     prompts: PromptBatch  # B groups
@@ -120,7 +122,9 @@ class RolloutBatch:
     completion_mask: Tensor  # [N, T] 1 up to and including EOS
     completions: list[str]  # [N] decoded text
     stage: str = "train"  # "train" or "val"
-    tag: str | None = None  # None: the step's own rollout; else who asked for an extra one ("dynamic_sampling", "probe:<variant>")
+    # None: the step's own rollout (or the module's own validation rollout); else the callback that asked for an
+    # extra one ("dynamic_sampling", "probe:<variant>"); see ``is_extra``
+    requested_by: str | None = None
     truncated: Tensor | None = None  # [N] bool: no EOS within max_completion_length
     old_logps: Tensor | None = None  # [N, T] log-probs under the policy that sampled (None: use current, detached)
     ref_logps: Tensor | None = None  # [N, T] log-probs under the frozen reference (beta > 0)
@@ -131,12 +135,21 @@ class RolloutBatch:
     advantages: Tensor | None = None  # [N]
     token_weights: Tensor | None = None  # [N, T] per-token advantage multipliers (None: all 1)
     replayed: Tensor | None = None  # [N] bool: row comes from the replay buffer
-    extras: dict[str, Any] = field(default_factory=dict)  # per-row annotations by name, e.g. "vgr": [N] floats
+    annotations: dict[str, Annotation] = field(default_factory=dict)  # per-row values by name (annotations.py)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase ("generate", "score", ...)
-    # the step's own sampled rows as scored, before callbacks replaced groups (replay, dynamic sampling): train only
-    sampled: dict[str, float] = field(default_factory=dict)
+    # the step's own rows as scored, before callbacks moved groups (replay, dynamic sampling): train only
+    sampled_rewards: Tensor | None = None  # [N] total rewards
+    sampled_accuracy: Tensor | None = None  # [N] in {0, 1}
     faults: list[Fault] = field(default_factory=list)  # NaN/inf found in it (guards.py); its training step is skipped
     reward_errors: dict[str, int] = field(default_factory=dict)  # samples per reward that raised and scored 0
+
+    @property
+    def is_extra(self) -> bool:
+        """Whether a callback asked for this rollout besides the step's own (dynamic sampling's rounds, probes).
+
+        A callback that acts once per step (a replay buffer, a log writer) returns early on extra rollouts.
+        """
+        return self.requested_by is not None
 
     @property
     def num_rows(self) -> int:
@@ -161,7 +174,7 @@ class RolloutBatch:
         return {k: [v for v in values for _ in range(G)] for k, values in self.prompts.columns.items()}
 
     def reward_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of every reward function (see ``rewards.registry``)."""
+        """Keyword arguments of every reward function (see ``rewards.registry``): the ``RowValues`` annotations as lists."""
         ids = [row[mask.bool()].tolist() for row, mask in zip(self.completion_ids, self.completion_mask)]
         kwargs: dict[str, Any] = {
             **self.row_columns(),
@@ -169,21 +182,21 @@ class RolloutBatch:
             "completion_ids": ids,
             "num_generations": self.num_generations,
         }
-        kwargs.update(self.extras)
+        kwargs.update({name: a.tolist() for name, a in self.annotations.items() if isinstance(a, RowValues)})
         return kwargs
 
-    def model_inputs(self, rows: list[int] | Tensor) -> dict[str, Tensor]:
+    def model_inputs(self, rows: list[int] | Tensor, width: int | None = None) -> dict[str, Tensor]:
         """Teacher-forcing inputs (prompt + completion) for ``rows``, padding trimmed.
 
         Returns ``input_ids``/``attention_mask``/``mm_token_type_ids`` of shape [n, P' + T'],
         ``pixel_values``/``image_grid_thw`` of the rows' prompts, and ``completion_ids``/
-        ``completion_mask`` [n, T'] for the positions whose log-probs are wanted.
+        ``completion_mask`` [n, T'] for the positions whose log-probs are wanted. ``width``
+        T' is the rows' longest completion (computed when not given: a device sync).
         """
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.completion_ids.device)
         prompts = self.prompts.select((rows_t // self.num_generations).tolist())
         completion_mask = self.completion_mask.index_select(0, rows_t)  # [n, T]
-        width = int(completion_mask.sum(-1).max().item()) if completion_mask.numel() else 0
-        width = max(width, 1)
+        width = self.completion_width(rows_t) if width is None else width
         completion_ids = self.completion_ids.index_select(0, rows_t)[:, :width]  # [n, T']
         completion_mask = completion_mask[:, :width]  # [n, T']
         inputs = {
@@ -198,6 +211,12 @@ class RolloutBatch:
             zeros = torch.zeros_like(completion_ids, dtype=prompts.mm_token_type_ids.dtype)
             inputs["mm_token_type_ids"] = torch.cat([prompts.mm_token_type_ids, zeros], dim=1)
         return inputs
+
+    def completion_width(self, rows: list[int] | Tensor) -> int:
+        """T': the longest completion among ``rows`` (at least 1)."""
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.completion_mask.device)
+        lengths = self.completion_mask.index_select(0, rows_t).sum(-1)  # [n]
+        return max(int(lengths.max()) if lengths.numel() else 0, 1)
 
     @classmethod
     def row_fields(cls) -> list[str]:

@@ -8,8 +8,8 @@ writes only rank 0's copy of everything. Resuming a run exactly needs both:
   Python ``random`` as plain tensors, ints and lists, so that Lightning's
   ``weights_only=True`` loader reads them back. Sampling in ``generate`` draws from
   torch's generator of the device it runs on.
-- :func:`gather_per_rank` / :func:`rank_share`: state that differs between processes
-  (each rank's replay buffer, its generators) is gathered to rank 0 when saved and
+- ``distributed.gather_per_rank`` / ``distributed.rank_share``: state that differs between
+  processes (each rank's replay buffer, its generators) is gathered to rank 0 when saved and
   handed back by rank on load, also when the world size changed.
 - :func:`check_same_config`: resuming from a checkpoint of another configuration is an
   error naming the key, for the settings the saved state depends on.
@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from dapo_lightning import distributed
 
 # --- random-number generators -------------------------------------------------------------------------
 
@@ -54,37 +55,44 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
 
-# --- per-rank state -----------------------------------------------------------------------------------
+class GeneratorStates:
+    """Every process's random-number generators: saved in checkpoints, restored on resume, kept out of validation.
 
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    if distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_per_rank(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` on rank 0 (index = rank), None elsewhere; ``[obj]`` without a process group.
-
-    A collective: every rank must call it (Lightning builds a checkpoint on every rank and
-    writes rank 0's).
+    Restoring on resume: when the checkpoint closed an epoch, the next epoch's loader draws its
+    order from these states, as the uninterrupted run's did, so they are restored at once;
+    mid-epoch, the loader is re-created on resume (the uninterrupted run's is not), so they are
+    restored after it, at train start (:meth:`restore_pending`). Validation samples from the same
+    generators; isolating it keeps training's draws independent of the evaluation cadence (and
+    a resumed run, which skips the sanity check, equal to an uninterrupted one).
     """
-    if not distributed():
-        return [obj]
-    rank, world = rank_and_world()
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
 
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+        self._before_validation: dict | None = None
 
-def rank_share(per_rank: list[Any], rank: int, world_size: int) -> list[Any]:
-    """The saved ranks' states this rank takes over: its own when the world size is unchanged,
-    else saved ranks ``rank, rank + world_size, ...`` (every saved state goes to exactly one rank)."""
-    return [per_rank[i] for i in range(rank, len(per_rank), world_size)]
+    def save(self, checkpoint: dict) -> None:
+        # Lightning saves no generator state and only rank 0's copy: gather every rank's (index = rank).
+        checkpoint["rng_states"] = distributed.gather_per_rank(capture_rng())
+
+    def load(self, checkpoint: dict, rank: int) -> None:
+        states = checkpoint.get("rng_states") or []
+        self._pending = states[rank] if rank < len(states) else None
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        if progress.get("is_last_batch"):
+            self.restore_pending()
+
+    def restore_pending(self) -> None:
+        if self._pending is not None:
+            restore_rng(self._pending)
+            self._pending = None
+
+    def enter_validation(self) -> None:
+        self._before_validation = capture_rng()
+
+    def leave_validation(self) -> None:
+        if self._before_validation is not None:
+            restore_rng(self._before_validation)
+            self._before_validation = None
 
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -107,14 +115,14 @@ def _lookup(hparams: Any, path: tuple[str, ...]) -> Any:
         value = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
     if hasattr(value, "__dict__") and not isinstance(value, (str, int, float)):
         value = {k: v for k, v in vars(value).items() if not k.startswith("_")}
-    return _plain(value)
+    return _plain_structure(value)
 
 
-def _plain(value: Any) -> Any:
+def _plain_structure(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain_structure(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain_structure(v) for k, v in value.items()}
     return value
 
 
@@ -144,7 +152,7 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if not isinstance(value, dict) or (prefix and not value):
-        return {prefix: _plain(value)} if prefix else {}
+        return {prefix: _plain_structure(value)} if prefix else {}
     out = {}
     for key, item in value.items():
         if not str(key).startswith("_"):

@@ -7,11 +7,24 @@ wrong YAML fails before any model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from dapo_lightning.advantages import SCALE_MODES
-from dapo_lightning.loss import IMPORTANCE_LEVELS, LOSS_TYPES
+from dapo_lightning.loss import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
+
+
+def coerce(cls, value: Any):
+    """A config dataclass from an instance or a plain dict (as stored in a checkpoint's hyper-parameters)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in value.items() if k in known}
+        if cls is PolicyConfig and isinstance(kwargs.get("lora"), dict):
+            kwargs["lora"] = LoraSettings(**kwargs["lora"])
+        return cls(**kwargs)
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -153,6 +166,14 @@ class LossConfig:
             f"choose from {IMPORTANCE_LEVELS}",
         )
         _check(self.beta >= 0, "model.loss.beta", f"must be >= 0, got {self.beta}")
+
+    def settings(self, max_completion_length: int) -> PolicyLossSettings:
+        """The loss function's constants (``dr_grpo`` divides by ``max_completion_length``)."""
+        return PolicyLossSettings(
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            importance_sampling_level=self.importance_sampling_level, loss_type=self.loss_type, beta=self.beta,
+            max_completion_length=max_completion_length,
+        )
 
 
 @dataclass

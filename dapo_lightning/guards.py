@@ -1,6 +1,6 @@
 """Non-finite values found before they reach the weights: which tensor, which rows.
 
-``DAPOModule.update`` checks, in order, every tensor a step's update is made of:
+``update.py`` checks, in order, every tensor a step's update is made of:
 
 - the rewards, as each reward function returned them (``None`` means "no value" and is
   not a fault; a returned NaN or inf is), found while scoring (``scoring.py``);
@@ -9,9 +9,11 @@
 - the log-probs and the loss of each micro-batch;
 - the gradients, after the backward passes and before clipping.
 
-A step with any fault is skipped (see ``DAPOModule.update`` for what that means) and
-each fault is logged with the rows it was found in. The functions here are pure: they
-take tensors and return :class:`Fault` records, or nothing.
+A step with any fault is skipped (see ``update.py`` for what that means) and each fault is
+logged with the rows it was found in. The faults of a step are those of the groups it trains
+on: when dynamic sampling or the replay buffer moves a group (``groups.py``), its faults move
+with it. The functions here are pure: they take tensors and return :class:`Fault` records,
+or nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ class Fault:
             return f"{self.tensor} of {_listing(self.names)}"
         text = f"{self.tensor} at rows {_listing(self.rows)}"
         return text + (f" (dataset rows {_listing(self.dataset_rows)})" if self.dataset_rows else "")
+
+    def touches(self, start: int, stop: int) -> bool:
+        """Whether any of its rows is in ``[start, stop)``."""
+        return any(start <= r < stop for r in self.rows)
+
+    def within(self, start: int, stop: int) -> Fault:
+        """The fault restricted to rows ``[start, stop)``, numbered from ``start`` (dataset rows to be located again)."""
+        return replace(self, rows=tuple(r - start for r in self.rows if start <= r < stop), dataset_rows=())
+
+    def shifted(self, offset: int) -> Fault:
+        """The same fault with its rows numbered from ``offset`` (a group placed at row ``offset``)."""
+        return replace(self, rows=tuple(r + offset for r in self.rows))
 
     def located(self, index: Sequence[int], num_generations: int) -> Fault:
         """This fault with the dataset rows of its rows' prompts (``index`` [B]: dataset row of each prompt)."""
@@ -92,18 +106,53 @@ def rollout_faults(rollout) -> list[Fault]:
     return [f.located(rollout.prompts.index, rollout.num_generations) for f in faults]
 
 
-def gradient_fault(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> Fault | None:
-    """``Fault("gradients", names=...)`` naming the parameters whose gradient holds a NaN or inf, or None.
+def nonfinite_row_mask(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """[N] bool: the rows of ``values`` [N, ...] holding a NaN or inf where ``mask`` is set (no device sync)."""
+    bad = ~torch.isfinite(values)  # [N, ...]
+    if mask is not None:
+        bad = bad & mask.bool().reshape(*mask.shape, *([1] * (values.dim() - mask.dim())))
+    return bad.reshape(bad.shape[0], -1).any(dim=1)
 
-    One norm per gradient (no copy) and a single device synchronisation. A gradient so large
-    that its float32 norm overflows counts too (clipping could not rescue it). Parameters
-    without a gradient (frozen, or partitioned away by ZeRO) are not checked.
+
+def gradient_norms(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> tuple[list[str], Tensor]:
+    """The names of the parameters that have a gradient, and each gradient's float32 norm [P] (no device sync).
+
+    A gradient so large that its float32 norm overflows is not finite either (clipping could not
+    rescue it). Parameters without a gradient (frozen, or partitioned away by ZeRO) are left out.
     """
     named = [(name, p.grad) for name, p in named_parameters if p.grad is not None]
     if not named:
+        return [], torch.zeros(0)
+    return [name for name, _ in named], torch.stack(
+        [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for _, g in named]
+    )
+
+
+def gradient_fault_of(names: Sequence[str], norms: Tensor) -> Fault | None:
+    """``Fault("gradients", names=...)`` for the parameters whose gradient norm is not finite, or None (one sync)."""
+    if norms.numel() == 0:
         return None
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for _, g in named])  # [P]
     finite = torch.isfinite(norms)
     if bool(finite.all()):
         return None
-    return Fault("gradients", names=tuple(named[i][0] for i in (~finite).nonzero().flatten().tolist()))
+    return Fault("gradients", names=tuple(names[i] for i in (~finite).nonzero().flatten().tolist()))
+
+
+def gradient_fault(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> Fault | None:
+    """``Fault("gradients", names=...)`` naming the parameters whose gradient holds a NaN or inf, or None."""
+    return gradient_fault_of(*gradient_norms(named_parameters))
+
+
+def describe_all(faults: Sequence[Fault]) -> str:
+    """The faults of a skipped step on one line ("on another process" when this one found none)."""
+    return "; ".join(f.describe() for f in faults) or "on another process"
+
+
+def too_many_bad_steps(consecutive: int, limit: int, faults: Sequence[Fault], saved_to) -> str:
+    """The message of the error that stops a run after ``limit`` skipped steps in a row."""
+    return (
+        f"{consecutive} training steps in a row had non-finite values (model.optim.max_bad_steps={limit}); the last: "
+        f"{describe_all(faults)}. Skipped steps leave the weights as they were: the state is saved to {saved_to}. "
+        f"Find the cause (a reward returning NaN or inf, a too high model.optim.learning_rate, bfloat16 overflow), "
+        f"then resume with --ckpt_path {saved_to}"
+    )

@@ -91,28 +91,37 @@ def aggregate(
     raise ValueError(f"loss_type: unknown {loss_type!r}; choose from {LOSS_TYPES}")
 
 
+@dataclass(frozen=True)
+class PolicyLossSettings:
+    """The objective's constants: ``LossConfig`` and the completion length, fixed for a run."""
+
+    epsilon_low: float = 0.2  # ratio >= 1 - epsilon_low
+    epsilon_high: float = 0.28  # ratio <= 1 + epsilon_high (clip-higher)
+    importance_sampling_level: str = "token"  # or "sequence" (GSPO)
+    loss_type: str = "dapo"  # the normaliser, see ``aggregate``
+    beta: float = 0.0  # KL penalty weight (needs ``ref_logps``)
+    max_completion_length: int | None = None  # the ``dr_grpo`` constant
+
+
 def dapo_policy_loss(
     logps: Tensor,
     old_logps: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    settings: PolicyLossSettings = PolicyLossSettings(),
     *,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.28,
-    importance_sampling_level: str = "token",
-    loss_type: str = "dapo",
     normalizer: Tensor | float | None = None,
-    max_completion_length: int | None = None,
-    beta: float = 0.0,
     ref_logps: Tensor | None = None,
 ) -> LossOutput:
-    """Clipped surrogate loss with clip-higher, aggregated by ``loss_type``.
+    """Clipped surrogate loss with clip-higher, aggregated by ``settings.loss_type``.
 
-    ``advantages`` is [N] (one per row) or [N, T] (per token, e.g. A_i * w_it).
+    ``advantages`` is [N] (one per row) or [N, T] (per token, e.g. A_i * w_it); ``normalizer``
+    is the ``dapo`` step's token count (see ``aggregate``); ``ref_logps`` [N, T] when beta > 0.
     """
+    epsilon_low, epsilon_high, beta = settings.epsilon_low, settings.epsilon_high, settings.beta
     mask = mask.to(logps.dtype)  # [N, T]
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, T]
-    ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)  # [N, T]
+    ratio = importance_ratio(logps, old_logps, mask, settings.importance_sampling_level)  # [N, T]
     clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [N, T]
     per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]
     kl = None
@@ -121,7 +130,8 @@ def dapo_policy_loss(
             raise ValueError("beta > 0 needs ref_logps (log-probs of the reference model)")
         kl = kl_penalty(logps, ref_logps)  # [N, T]
         per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, loss_type, normalizer=normalizer, max_completion_length=max_completion_length)
+    loss = aggregate(per_token, mask, settings.loss_type, normalizer=normalizer,
+                     max_completion_length=settings.max_completion_length)
 
     with torch.no_grad():
         adv_full = adv.expand_as(ratio)  # [N, T]

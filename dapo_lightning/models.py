@@ -78,3 +78,29 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: Seq
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def build_policy(cfg, *, with_reference: bool):
+    """The trainable policy of a ``PolicyConfig``, a frozen reference copy if asked (not under LoRA), the processor.
+
+    Returns ``(policy in train mode, reference in eval mode or None, processor)``. Under LoRA the
+    reference is the base model with the adapter disabled, so none is loaded.
+    """
+    load = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    model = load_policy(cfg.model_name_or_path, **load)
+    if cfg.freeze_vision_tower:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    reference = None
+    if with_reference and cfg.lora is None:
+        reference = load_policy(cfg.model_name_or_path, **load).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is not None:
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           target_modules=cfg.lora.target_modules)
+    processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    return model.train(), reference, processor  # from_pretrained returns eval mode

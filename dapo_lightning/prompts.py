@@ -26,8 +26,6 @@ SYSTEM_PROMPT = (
     "For example:\n<think>\nThis is my reasoning.\n</think>\n<answer>C</answer>"
 )
 
-LETTERS = "ABCDEFGHIJ"
-
 
 def build_messages(problem: str, system_prompt: str | None = SYSTEM_PROMPT, num_images: int = 1) -> list[dict[str, Any]]:
     """Messages for one question: optional system turn, then the image(s) and the problem text."""

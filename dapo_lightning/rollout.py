@@ -157,8 +157,8 @@ def generate_shared(
     G = settings.num_generations
     device = prompts.input_ids.device
     inputs = prompts.model_inputs(next(model.parameters()).dtype)
-    next_position = prompt_next_position(_base_model(model), prompts)  # [B]
-    cache = DynamicCache(config=_base_model(model).config)
+    next_position = prompt_next_position(base_model(model), prompts)  # [B]
+    cache = DynamicCache(config=base_model(model).config)
     out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
     repeat_prompt_cache(cache, G, reserve=settings.max_new_tokens - 1)  # the last token is never fed back
     logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
@@ -247,16 +247,11 @@ def generate(
 ) -> RolloutBatch:
     """G completions per prompt: prefilled once per prompt when the model allows it, else by ``model.generate``.
 
-    ``on_decode_step`` is only called by the shared-prompt decoder (see ``decodes_with_hooks``).
+    ``on_decode_step`` is only called by the shared-prompt decoder (see ``uses_shared_prompt``).
     """
-    if decodes_with_hooks(model, shared_prompt):
+    if uses_shared_prompt(model, shared_prompt):
         return generate_shared(model, prompts, tokenizer, settings, token_ids, stage=stage, on_decode_step=on_decode_step)
     return generate_hf(model, prompts, tokenizer, settings, token_ids, stage=stage)
-
-
-def decodes_with_hooks(model, shared_prompt: bool) -> bool:
-    """Whether ``generate`` runs this project's decoder (per-step hooks) rather than ``model.generate``."""
-    return shared_prompt and supports_shared_prompt(model)
 
 
 def prompt_next_position(model, prompts: PromptBatch) -> Tensor:
@@ -286,107 +281,20 @@ def _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, s
     )
 
 
-def selective_log_softmax(logits: Tensor, ids: Tensor) -> Tensor:
-    """log softmax(logits)[ids] without materialising the full log-softmax. [n, T, V], [n, T] -> [n, T]"""
-    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [n, T]
-    if logits.dtype in (torch.float32, torch.float64):
-        return picked - torch.logsumexp(logits, dim=-1)  # [n, T]
-    # half precision: row by row, in float32, to bound memory and keep precision
-    return torch.stack([p.float() - torch.logsumexp(row.float(), dim=-1) for p, row in zip(picked, logits)])
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the categorical distribution at each position. [n, T, V] -> [n, T]"""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
-
-
-@dataclass
-class LogProbs:
-    logps: Tensor  # [n, T'] log-probs of the completion tokens
-    mask: Tensor  # [n, T'] completion mask (trimmed to the rows' longest completion)
-    entropy: Tensor | None = None  # [n, T'] detached
-
-
-def completion_logps(model, inputs: dict[str, Tensor], *, temperature: float = 1.0, with_entropy: bool = False) -> LogProbs:
-    """Teacher-forced log-probs of the completions in ``inputs`` (from ``RolloutBatch.model_inputs``).
-
-    Gradients flow when the caller has grad enabled.
-    """
-    inputs = dict(inputs)
-    completion_ids = inputs.pop("completion_ids")  # [n, T']
-    mask = inputs.pop("completion_mask")  # [n, T']
-    T = completion_ids.shape[1]
-    dtype = next(model.parameters()).dtype
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    output = model(**inputs, use_cache=False, logits_to_keep=T + 1)
-    logits = output.logits[:, :-1, :]  # [n, T', V] position t predicts completion token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    logps = selective_log_softmax(logits, completion_ids)  # [n, T']
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())  # [n, T']
-    return LogProbs(logps=logps, mask=mask, entropy=entropy)
-
-
-def completion_logps_shared(
-    model, rollout: RolloutBatch, rows: list[int], *, temperature: float = 1.0, with_entropy: bool = False
-) -> LogProbs:
-    """``completion_logps`` for ``rows``, running each prompt once and its completions from its repeated cache.
-
-    The prompt pass keeps its graph, so gradients reach every prompt token and the
-    vision tower through the cached keys and values, exactly as in the full forward;
-    a group split across calls simply runs its prompt in each. [n, T'] results.
-    """
-    from transformers import DynamicCache
-
-    G = rollout.num_generations
-    rows_t = torch.as_tensor(rows, dtype=torch.long, device=rollout.completion_ids.device)
-    groups = sorted(set((rows_t // G).tolist()))
-    prompts = rollout.prompts.select(groups)  # [b, P']
-    slot = torch.tensor([groups.index(int(g)) for g in (rows_t // G).tolist()], device=rows_t.device)  # [n]
-    inputs = prompts.model_inputs(next(model.parameters()).dtype)
-    next_position = prompt_next_position(_base_model(model), prompts)  # [b]
-    cache = DynamicCache(config=_base_model(model).config)
-    first = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V] predicts token 0
-    cache.batch_select_indices(slot)  # [n, ...] differentiable gather of each row's prompt keys/values
-
-    completion_mask = rollout.completion_mask.index_select(0, rows_t)  # [n, T]
-    width = max(int(completion_mask.sum(-1).max().item()), 1)
-    completion_ids = rollout.completion_ids.index_select(0, rows_t)[:, :width]  # [n, T']
-    completion_mask = completion_mask[:, :width]
-    attention_mask = torch.cat(
-        [prompts.attention_mask.index_select(0, slot), completion_mask.to(prompts.attention_mask.dtype)], dim=1
-    )  # [n, P' + T']
-    positions = next_position.index_select(0, slot).unsqueeze(1) + torch.arange(width, device=rows_t.device)  # [n, T']
-    logits = first.index_select(0, slot).unsqueeze(1)  # [n, 1, V]
-    if width > 1:
-        rest = model(
-            input_ids=completion_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=positions[:, :-1].unsqueeze(0).expand(3, -1, -1),
-            cache=cache,
-            use_cache=True,
-        ).logits  # [n, T' - 1, V] position t predicts completion token t + 1
-        logits = torch.cat([logits, rest], dim=1)  # [n, T', V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    logps = selective_log_softmax(logits, completion_ids)  # [n, T']
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())
-    return LogProbs(logps=logps, mask=completion_mask, entropy=entropy)
-
-
-def _base_model(model):
+def base_model(model):
     """The ``transformers`` model under a peft wrapper (for its config and rotary-position helpers)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if get_base is not None else model
 
 
-def supports_shared_prompt(model) -> bool:
-    """Qwen2-VL-family models expose the rotary-position helper the shared-prompt paths need."""
-    return hasattr(getattr(_base_model(model), "model", None), "get_rope_index")
+def uses_shared_prompt(model, enabled: bool, *, recomputes_layers: bool = False) -> bool:
+    """Whether this project's shared-prompt code runs: each image encoded and each prompt prefilled once per group.
+
+    It runs when ``enabled`` (``model.rollout.shared_prompt``) and the model exposes Qwen2-VL's
+    rotary-position helper; in generation it is this project's decoder (with per-step hooks)
+    instead of ``model.generate``. The log-prob passes also need a model that does not
+    recompute its layers in the backward (``recomputes_layers``: gradient checkpointing),
+    since a recomputed layer cannot reuse a cache shared between rows.
+    """
+    supported = hasattr(getattr(base_model(model), "model", None), "get_rope_index")
+    return enabled and supported and not recomputes_layers

@@ -37,11 +37,6 @@ class RewardTable:
     errors: dict[str, list[int]] = field(default_factory=dict)  # reward -> rows it raised on, scored 0
 
 
-def compute_rewards(specs: Sequence[RewardSpec], completions: list[str], kwargs: dict[str, Any]) -> Tensor:
-    """Call each reward in order; returns [N, K] with NaN where a reward gave no value (see :func:`reward_table`)."""
-    return reward_table(specs, completions, kwargs).values
-
-
 def reward_table(
     specs: Sequence[RewardSpec],
     completions: list[str],

@@ -30,11 +30,12 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dapo_lightning import distributed
 
 SIGNALS = ("SIGTERM", "SIGINT")
 
@@ -110,12 +111,8 @@ class GracefulShutdown(Callback):
 
     def _agreed_signal(self, trainer) -> int:
         """The signal any process received (the same answer on every process), or 0."""
-        value = self.requested or 0
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            flag = torch.tensor([value], dtype=torch.int64, device=trainer.strategy.root_device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            value = int(flag.item())
-        return value
+        flag = torch.tensor(self.requested or 0, dtype=torch.int64, device=trainer.strategy.root_device)
+        return int(distributed.global_max(flag))
 
     def _save(self, trainer) -> str:
         paths = []

@@ -3,10 +3,11 @@
 import json
 from pathlib import Path
 
-from lightning.pytorch import Callback
+
+from dapo_lightning.hooks import RolloutCallback
 
 
-class RankRecorder(Callback):
+class RankRecorder(RolloutCallback):
     def __init__(self, folder: str):
         self.folder = Path(folder)
         self.rows: list[int] = []

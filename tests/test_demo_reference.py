@@ -3,6 +3,13 @@
 The references (``tests/reference/*.json``) were recorded before the architecture redesign of
 issue 11, with torch 2.13.0 on the CPU; ``python -m tests.reference.demo_fingerprint --write``
 re-records them when a change of behaviour is intended (say so in the commit).
+
+One intended change since: ``rollout_results.md``'s digest was re-recorded after the redesign
+made per-row annotations travel with their groups. Before, a step whose groups the replay
+buffer or dynamic sampling had moved lost its attention report, so its section had no
+"Attention (VGR / AEI)" table and its samples no "Attention metrics"; now they are there
+(a diff of the two files shows only those lines added). Parameters and scalars are the
+pre-redesign recording.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dapo_lightning.loss import aggregate, dapo_policy_loss, importance_ratio, kl_penalty, micro_batch_scale
+from dapo_lightning.loss import PolicyLossSettings, aggregate, dapo_policy_loss, importance_ratio, kl_penalty, micro_batch_scale
 
 E = math.e
 # One row, three tokens. log ratio = logp - old = [0, -0.5, 0.5]
@@ -20,7 +20,7 @@ def test_token_ratio_and_clip_higher_with_positive_advantage():
     # r*A          = [2, 1.21306, 3.29744]
     # clip(r)*A    = [2, 0.8*2=1.6, 1.28*2=2.56]      (eps_low 0.2, eps_high 0.28)
     # -min(...)    = [-2, -1.21306, -2.56]; mean over 3 tokens = -5.77306 / 3
-    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([2.0]), FULL, loss_type="bnpo")
+    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([2.0]), FULL, PolicyLossSettings(loss_type="bnpo"))
     expected = -(2 + 2 * E**-0.5 + 2.56) / 3
     assert_close(out.loss, torch.tensor(expected))
     # only the third token is clipped, and from above
@@ -32,7 +32,7 @@ def test_token_ratio_and_clip_higher_with_positive_advantage():
 def test_negative_advantage_clips_from_below():
     # A = -1: r*A = [-1, -0.60653, -1.64872]; clip(r)*A = [-1, -0.8, -1.28]
     # min = [-1, -0.8, -1.64872] -> loss tokens [1, 0.8, 1.64872]
-    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([-1.0]), FULL, loss_type="bnpo")
+    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([-1.0]), FULL, PolicyLossSettings(loss_type="bnpo"))
     assert_close(out.loss, torch.tensor((1 + 0.8 + E**0.5) / 3))
     assert_close(out.metrics["clip_ratio/low_mean"], torch.tensor(1 / 3))
     assert_close(out.metrics["clip_ratio/region_mean"], torch.tensor(1 / 3))
@@ -40,7 +40,7 @@ def test_negative_advantage_clips_from_below():
 
 def test_symmetric_clip_is_grpo_clip():
     # eps_high = 0.2: third token clip(r)*A = 1.2*2 = 2.4
-    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([2.0]), FULL, epsilon_high=0.2, loss_type="bnpo")
+    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([2.0]), FULL, PolicyLossSettings(epsilon_high=0.2, loss_type="bnpo"))
     assert_close(out.loss, torch.tensor(-(2 + 2 * E**-0.5 + 2.4) / 3))
 
 
@@ -61,7 +61,9 @@ MASK2 = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     ],
 )
 def test_aggregation_normalisers(loss_type, kwargs, expected):
-    out = dapo_policy_loss(LOGPS2, LOGPS2, torch.tensor([1.0, 1.0]), MASK2, loss_type=loss_type, **kwargs)
+    normalizer = kwargs.pop("normalizer", None)
+    out = dapo_policy_loss(LOGPS2, LOGPS2, torch.tensor([1.0, 1.0]), MASK2, PolicyLossSettings(loss_type=loss_type, **kwargs),
+                           normalizer=normalizer)
     assert_close(out.loss, torch.tensor(expected))
 
 
@@ -80,7 +82,7 @@ def test_sequence_level_ratio_is_geometric_mean_over_valid_tokens():
     assert ratio.shape == (1, 3)
     assert_close(ratio, torch.full((1, 3), E**-0.25))
     # A = 1: r = 0.7788 is inside [0.8, 1.28]? no: below 0.8 but A > 0 so min picks r: loss = -0.7788
-    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([1.0]), mask, importance_sampling_level="sequence", loss_type="bnpo")
+    out = dapo_policy_loss(LOGPS, OLD, torch.tensor([1.0]), mask, PolicyLossSettings(importance_sampling_level="sequence", loss_type="bnpo"))
     assert_close(out.loss, torch.tensor(-(E**-0.25)))
 
 
@@ -89,12 +91,12 @@ def test_kl_penalty_k3_and_beta():
     logps = torch.tensor([[-1.0, -2.0]])
     ref = torch.tensor([[-1.0, -1.0]])
     assert_close(kl_penalty(logps, ref), torch.tensor([[0.0, E - 2]]))
-    out = dapo_policy_loss(logps, logps, torch.tensor([0.0]), torch.ones(1, 2), beta=0.5, ref_logps=ref, loss_type="bnpo")
+    out = dapo_policy_loss(logps, logps, torch.tensor([0.0]), torch.ones(1, 2), PolicyLossSettings(beta=0.5, loss_type="bnpo"), ref_logps=ref)
     # advantage 0: the loss is the KL term alone, 0.5 * mean([0, e - 2])
     assert_close(out.loss, torch.tensor(0.5 * (E - 2) / 2))
     assert_close(out.metrics["kl"], torch.tensor((E - 2) / 2))
     with pytest.raises(ValueError, match="ref_logps"):
-        dapo_policy_loss(logps, logps, torch.tensor([0.0]), torch.ones(1, 2), beta=0.5)
+        dapo_policy_loss(logps, logps, torch.tensor([0.0]), torch.ones(1, 2), PolicyLossSettings(beta=0.5))
 
 
 def test_masked_tokens_get_zero_gradient():
@@ -113,7 +115,7 @@ def test_higher_advantage_gives_lower_loss():
 
 def test_per_token_advantages_multiply_in():
     # advantages [1, T] = A * w with w = [2, 0, 1] and ratio 1: loss = -(2 + 0 + 1) / 3
-    out = dapo_policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[2.0, 0.0, 1.0]]), FULL, loss_type="bnpo")
+    out = dapo_policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[2.0, 0.0, 1.0]]), FULL, PolicyLossSettings(loss_type="bnpo"))
     assert_close(out.loss, torch.tensor(-1.0))
 
 
@@ -123,7 +125,7 @@ def test_dapo_normaliser_across_micro_batches_matches_one_batch():
     old = logps.detach() + 0.1 * torch.randn(6, 5)
     adv = torch.randn(6)
     mask = (torch.rand(6, 5) > 0.3).float()
-    whole = dapo_policy_loss(logps, old, adv, mask, loss_type="bnpo")
+    whole = dapo_policy_loss(logps, old, adv, mask, PolicyLossSettings(loss_type="bnpo"))
     (g_whole,) = torch.autograd.grad(whole.loss, logps)
     total_tokens = mask.sum()
     micro = [slice(0, 2), slice(2, 6)]  # uneven micro-batches
@@ -169,13 +171,14 @@ def test_matches_float64_reference_on_random_inputs(level, loss_type):
     adv = torch.randn(5, generator=g, dtype=torch.float64)
     mask = (torch.rand(5, 7, generator=g) > 0.25).double()
     mask[:, 0] = 1
-    out = dapo_policy_loss(logps, old, adv, mask, importance_sampling_level=level, loss_type=loss_type, max_completion_length=9)
+    out = dapo_policy_loss(logps, old, adv, mask, PolicyLossSettings(importance_sampling_level=level, loss_type=loss_type,
+                                                                     max_completion_length=9))
     expected = _reference_loss(logps.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, level, loss_type, 9)
     assert_close(out.loss, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 def test_bad_options_name_the_key():
     with pytest.raises(ValueError, match="loss_type"):
-        dapo_policy_loss(LOGPS, OLD, torch.tensor([1.0]), FULL, loss_type="ppo")
+        dapo_policy_loss(LOGPS, OLD, torch.tensor([1.0]), FULL, PolicyLossSettings(loss_type="ppo"))
     with pytest.raises(ValueError, match="importance_sampling_level"):
-        dapo_policy_loss(LOGPS, OLD, torch.tensor([1.0]), FULL, importance_sampling_level="group")
+        dapo_policy_loss(LOGPS, OLD, torch.tensor([1.0]), FULL, PolicyLossSettings(importance_sampling_level="group"))

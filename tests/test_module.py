@@ -9,8 +9,11 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from dapo_lightning import update as update_module
+from dapo_lightning.annotations import RowValues
 from dapo_lightning.config import LoraSettings, LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
 from dapo_lightning.data import VisualMCQDataModule
+from dapo_lightning.hooks import RolloutCallback
 from dapo_lightning.models import load_policy, load_processor
 from dapo_lightning.module import DAPOModule
 
@@ -65,7 +68,7 @@ def fit(tmp_path, module, synthetic_parquet, tiny_model_dir, *, steps=2, callbac
     return trainer
 
 
-class Recorder(Callback):
+class Recorder(RolloutCallback):
     """Records the hook order and what the rollout holds at each hook; attaches a value for a reward."""
 
     def __init__(self):
@@ -73,7 +76,7 @@ class Recorder(Callback):
 
     def on_rollout_generated(self, trainer, module, rollout):
         assert rollout.rewards is None and rollout.completions
-        rollout.extras["bonus"] = [0.5] * rollout.num_rows
+        rollout.annotations["bonus"] = RowValues([0.5] * rollout.num_rows)
         if rollout.stage == "train":
             rollout.reward_weights = torch.tensor([0.0, 2.0])  # the callback may change weights before scoring
         self.events.append(("generated", rollout.stage, rollout.old_logps is not None))
@@ -82,8 +85,8 @@ class Recorder(Callback):
         assert rollout.advantages is not None and rollout.rewards_per_func.shape == (rollout.num_rows, 2)
         self.events.append(("scored", rollout.stage, rollout.rewards.tolist()))
 
-    def on_rollout_update_end(self, trainer, module, rollout, metrics):
-        self.events.append(("update_end", rollout.stage, sorted(metrics)))
+    def on_rollout_update_end(self, trainer, module, rollout, result):
+        self.events.append(("update_end", rollout.stage, sorted(result.metrics())))
 
 
 def test_hooks_run_in_order_and_annotations_reach_rewards(tmp_path, tiny_model_dir, synthetic_parquet):
@@ -103,7 +106,7 @@ def test_hooks_run_in_order_and_annotations_reach_rewards(tmp_path, tiny_model_d
     assert all(e[2] is False for e in recorder.events if e[0] == "generated")
 
 
-class ZeroTokenWeights(Callback):
+class ZeroTokenWeights(RolloutCallback):
     def on_rollout_scored(self, trainer, module, rollout):
         rollout.token_weights = torch.zeros_like(rollout.completion_ids, dtype=torch.float32)
 
@@ -117,7 +120,7 @@ def test_token_weights_multiply_the_advantages_in_the_loss(tmp_path, tiny_model_
         assert torch.equal(value, before[name]), name
 
 
-class RewardTrace(Callback):
+class RewardTrace(RolloutCallback):
     def __init__(self):
         self.means = []
 
@@ -151,7 +154,7 @@ def test_policy_gradient_raises_the_probability_of_the_rewarded_token(tmp_path, 
     assert last > first + 0.1, rewards.means
 
 
-class OldLogpsProbe(Callback):
+class OldLogpsProbe(RolloutCallback):
     needs_old_logps = False
 
     def __init__(self):
@@ -233,10 +236,11 @@ def test_kl_to_a_frozen_reference_when_beta_is_positive(tmp_path, tiny_model_dir
     kl = float(trainer.callback_metrics["train/kl"])
     # the first iteration of each rollout sees policy == reference only before the first update; after it, KL > 0
     assert kl >= 0 and math.isfinite(kl)
-    assert len(module._reference) == 1 and not any(p.requires_grad for p in module._reference[0].parameters())
+    reference = module.actor.reference
+    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
 
 
-class HaloCallback(Callback):
+class HaloCallback(RolloutCallback):
     provides = ("halo",)
 
 
@@ -261,11 +265,11 @@ def test_configuration_errors_name_the_key(tiny_model_dir):
         OptimConfig(warmup_ratio=1.5)
 
 
-class LearningRates(Callback):
+class LearningRates(RolloutCallback):
     def __init__(self):
         self.values = []
 
-    def on_rollout_update_end(self, trainer, module, rollout, metrics):
+    def on_rollout_update_end(self, trainer, module, rollout, result):
         self.values.append(module.optimizers().param_groups[0]["lr"])
 
 
@@ -299,7 +303,8 @@ def test_processes_with_fewer_micro_batches_back_propagate_zeros(tmp_path, tiny_
         calls = []
         original = module.manual_backward
         monkeypatch.setattr(module, "manual_backward", lambda loss: (calls.append(1), original(loss)))
-        monkeypatch.setattr(module, "_global_max", lambda value: value + extra)  # as if another rank had more
+        monkeypatch.setattr(update_module, "micro_batches_on_busiest_process",
+                            lambda count, device: count + extra)  # as if another rank had more
         fit(tmp_path / str(extra), module, synthetic_parquet, tiny_model_dir, steps=1, callbacks=[capture])
         assert len(calls) == 2 + extra  # 8 rows in micro-batches of 4, plus the padding
         grads.append(capture.grads)

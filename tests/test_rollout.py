@@ -3,7 +3,8 @@
 import torch
 from torch.testing import assert_close
 
-from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_logps, completion_mask_from_eos, generate
+from dapo_lightning.logprobs import completion_logps
+from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_mask_from_eos, generate
 
 
 def test_completion_mask_keeps_tokens_up_to_and_including_the_first_eos():

@@ -10,15 +10,9 @@ from dapo_lightning.config import LoraSettings, LossConfig, OptimConfig, PolicyC
 from dapo_lightning.models import apply_lora
 from transformers.cache_utils import DynamicLayer
 
-from dapo_lightning.rollout import (
-    RepeatedPromptLayer,
-    SamplingSettings,
-    TokenIds,
-    completion_logps,
-    completion_logps_shared,
-    generate_hf,
-    generate_shared,
-)
+from dapo_lightning.hooks import RolloutCallback
+from dapo_lightning.logprobs import completion_logps, completion_logps_shared
+from dapo_lightning.rollout import RepeatedPromptLayer, SamplingSettings, TokenIds, generate_hf, generate_shared
 from tests.test_module import GradientCapture, fit, make_module
 
 
@@ -98,7 +92,7 @@ def test_shared_logprobs_and_gradients_equal_the_full_forward(policy, processor,
         assert grads_shared[index].abs().sum() > 0
 
 
-class OldLogps(GradientCapture):
+class OldLogps(GradientCapture, RolloutCallback):
     def __init__(self):
         super().__init__()
         self.old = None
@@ -135,8 +129,8 @@ def test_gradient_checkpointing_falls_back_to_the_full_forward(tiny_model_dir):
     module = make_module(tiny_model_dir, policy=PolicyConfig(model_name_or_path=str(tiny_model_dir),
                                                              gradient_checkpointing=True))
     module.configure_model()
-    assert not module.shares_prompts
+    assert not module.actor.shares_prompts_in_logps
     lora = make_module(tiny_model_dir, policy=PolicyConfig(model_name_or_path=str(tiny_model_dir),
                                                            lora=LoraSettings(r=2, alpha=4)))
     lora.configure_model()
-    assert lora.shares_prompts
+    assert lora.actor.shares_prompts_in_logps

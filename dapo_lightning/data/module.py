@@ -1,16 +1,17 @@
 """``VisualMCQDataModule``: the merged multiple-choice parquet -> batches of encoded prompts.
 
-Rows are read from a local parquet file (or a ``datasets`` hub name), checked with
-the same rules as ``python -m dapo_lightning.data_prep validate`` (``data/rows.py``), turned into RGB
-images that fit ``max_image_side``, wrapped in the ChatML prompt (SPEC section 1)
-and encoded by the policy's processor into a ``PromptBatch``.
+Rows are read from a local parquet file (or a ``datasets`` hub name) and served
+undecoded by :class:`VisualMCQDataset`; the collator (``data/collate.py``) checks them
+with the same rules as ``python -m dapo_lightning.data_prep validate`` (``data/rows.py``),
+turns their images into RGB images that fit ``max_image_side``, wraps them in the ChatML
+prompt (SPEC section 1) and encodes them with the policy's processor into a ``PromptBatch``.
 
-Training prompts are shuffled by :class:`ResumableShuffleSampler`, in the orders
+Training prompts are shuffled by ``ResumableShuffleSampler`` (``data/samplers.py``), in the orders
 Lightning would use (``RandomSampler`` on one process, a seeded per-rank shard under
 DDP), and a run resumed mid-epoch continues where the checkpointed run stopped
-(Lightning restarts a plain loader's epoch from its first batch). Validation uses a sharding sampler
-without padding, so every held-out question is scored exactly once and the metrics
-are exact.
+(Lightning restarts a plain loader's epoch from its first batch); the data module's
+``state_dict`` keeps what that needs. Validation uses ``ShardSampler``, a sharding sampler
+without padding, so every held-out question is scored exactly once and the metrics are exact.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from dapo_lightning.data import rows as mcq
 from dapo_lightning.batch import PromptBatch
-from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages, special_token_strings, special_tokens_in
+from dapo_lightning.data import rows as mcq
+from dapo_lightning.data.collate import PromptCollator
+from dapo_lightning.data.samplers import ResumableShuffleSampler, ShardSampler
+from dapo_lightning.prompts import SYSTEM_PROMPT
 
 
 @dataclass
@@ -58,201 +59,6 @@ class VisualMCQDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.table[int(index)], "_index": int(index)}
-
-
-class PromptCollator:
-    """Turns dataset rows into a ``PromptBatch`` with the processor.
-
-    A row is unusable when its text fails ``mcq.check_text``, its problem holds one of the
-    tokenizer's special tokens (``prompts.special_tokens_in``), its image cannot be decoded
-    (``mcq.decode_image``), the processor cannot encode it (tried alone when a batch fails,
-    e.g. an image with an aspect ratio above 200), or its prompt is too long.
-    With ``on_bad_row="error"`` an unusable row raises ``BadRow`` naming the file and row.
-    With ``"skip"`` it is dropped and counted; when ``refill_from`` is given (training),
-    the next usable row of that dataset takes its place, so every process keeps full
-    batches (and DDP's processes stay in step); validation drops without refilling, so
-    each held-out row is scored at most once.
-    """
-
-    def __init__(
-        self,
-        processor,
-        *,
-        source: str,
-        system_prompt: str | None,
-        max_image_side: int | None,
-        max_prompt_length: int | None,
-        on_bad_row: str,
-        refill_from: Dataset | None = None,
-    ):
-        self.processor = processor
-        self.source = source
-        self.system_prompt = system_prompt
-        self.max_image_side = max_image_side
-        self.max_prompt_length = max_prompt_length
-        self.on_bad_row = on_bad_row
-        self.refill_from = refill_from
-        self._bad: set[int] = set()  # rows known to be unusable (not retried as replacements)
-        self._special = special_token_strings(getattr(processor, "tokenizer", None))
-
-    def _prepare(self, row: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-        index = row["_index"]
-        solution = mcq.check_text(row.get("problem"), row.get("solution"), source=self.source, row=index,
-                                  require_options=True)
-        found = special_tokens_in(row["problem"], self._special)
-        if found:
-            raise mcq.BadRow(self.source, index, f"problem contains the special token(s) {', '.join(map(repr, found))}, "
-                             "which the tokenizer would read as control tokens, not text", mcq.CONTROL_TOKEN)
-        image = mcq.decode_image(row.get("image"), source=self.source, row=index, max_side=self.max_image_side)
-        text = self.processor.apply_chat_template(
-            build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
-        )
-        return text, image, {**row, "solution": solution}
-
-    def _replacement(self, taken: set[int], after: int) -> dict[str, Any] | None:
-        """The first usable-looking row after ``after`` (cyclically) not in this batch, or None."""
-        if self.refill_from is None:
-            return None
-        n = len(self.refill_from)
-        for step in range(1, n + 1):
-            index = (after + step) % n
-            if index not in taken and index not in self._bad:
-                return self.refill_from[index]
-        return None
-
-    def _unencodable(self, texts: list[str], images: list) -> dict[int, str]:
-        """{position: why} of the rows the processor fails on alone."""
-        rejected = {}
-        for i, (text, image) in enumerate(zip(texts, images)):
-            try:
-                self.processor(text=[text], images=[image], padding=True, return_tensors="pt")
-            except Exception as error:
-                rejected[i] = f"the processor cannot encode it ({type(error).__name__}: {error})"
-        return rejected
-
-    def __call__(self, rows: list[dict[str, Any]]) -> PromptBatch:
-        pending = list(rows)
-        taken = {row["_index"] for row in rows}
-        prepared: list[tuple[str, Any, dict[str, Any]]] = []
-        skipped = 0
-
-        def drop(row_index: int, error: mcq.BadRow) -> None:
-            nonlocal skipped
-            if self.on_bad_row == "error":
-                raise error
-            skipped += 1
-            self._bad.add(row_index)
-            replacement = self._replacement(taken, row_index)
-            if replacement is not None:
-                taken.add(replacement["_index"])
-                pending.append(replacement)
-
-        while True:
-            while pending:
-                row = pending.pop(0)
-                try:
-                    prepared.append(self._prepare(row))
-                except mcq.BadRow as error:
-                    drop(row["_index"], error)
-            if not prepared:
-                if self.refill_from is not None:
-                    raise mcq.BadRow(self.source, rows[0]["_index"], "no usable row is left to fill a batch")
-                return PromptBatch.empty().with_skipped(skipped)
-            texts, images, kept = map(list, zip(*prepared))
-            try:
-                encoded = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-            except Exception:
-                # e.g. an image of aspect ratio > 200: find the rows the processor rejects, one by one
-                rejected = self._unencodable(texts, images)
-                if not rejected:
-                    raise
-                for i, reason in rejected.items():
-                    drop(kept[i]["_index"], mcq.BadRow(self.source, kept[i]["_index"], reason, mcq.UNENCODABLE))
-                prepared = [item for i, item in enumerate(prepared) if i not in rejected]
-                continue
-            lengths = encoded["attention_mask"].sum(-1).tolist()
-            limit = self.max_prompt_length
-            too_long = [i for i, n in enumerate(lengths) if limit is not None and n > limit]
-            if not too_long:
-                break
-            for i in too_long:
-                reason = f"prompt has {lengths[i]} tokens, more than data.max_prompt_length={limit}"
-                drop(kept[i]["_index"], mcq.BadRow(self.source, kept[i]["_index"], reason))
-            prepared = [item for i, item in enumerate(prepared) if i not in too_long]
-        columns = {k: [r[k] for r in kept] for k in kept[0] if k not in ("image", "_index")}
-        batch = PromptBatch(
-            input_ids=encoded["input_ids"],
-            attention_mask=encoded["attention_mask"],
-            pixel_values=encoded["pixel_values"],
-            image_grid_thw=encoded["image_grid_thw"],
-            image_counts=[1] * len(kept),
-            mm_token_type_ids=encoded.get("mm_token_type_ids"),
-            prompts=texts,
-            columns=columns,
-            index=[r["_index"] for r in kept],
-        )
-        return batch.with_skipped(skipped)
-
-
-class ShardSampler(DistributedSampler):
-    """Rank r of W takes indices r, r + W, ... in order: no padding, no duplicates (exact eval metrics).
-
-    A ``DistributedSampler`` so that Lightning leaves it in place under DDP (it wraps any
-    other sampler in a ``DistributedSamplerWrapper``, which would shard the shard again).
-    """
-
-    def __init__(self, length: int, rank: int, world_size: int):
-        super().__init__(range(length), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class ResumableShuffleSampler(DistributedSampler):
-    """The training order of the data module: Lightning's own orders, made resumable mid-epoch.
-
-    One process (``seed=None``): each epoch's permutation is seeded by a draw from torch's
-    global generator when the epoch's iteration starts, exactly as ``RandomSampler``
-    does; the drawn seed is kept (``epoch_seed``) for checkpoints. Several processes
-    (``seed`` set): ``torch.randperm`` seeded with ``seed + epoch`` and rank r of W takes
-    every W-th index, exactly as the ``DistributedSampler`` Lightning would inject; being a
-    ``DistributedSampler``, Lightning leaves it in place.
-
-    ``resume_at(epoch, start, epoch_seed)``: Lightning restarts a plain loader's epoch from
-    its first batch when it resumes, so the data module tells the sampler the epoch's
-    seed and how many of this rank's indices the checkpointed run had consumed; they are
-    skipped in that epoch only.
-    """
-
-    def __init__(self, length: int, *, num_replicas: int = 1, rank: int = 0, seed: int | None = None):
-        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True,
-                         seed=seed if seed is not None else 0, drop_last=False)
-        self.draw_seed = seed is None
-        self.epoch_seed: int | None = None
-        self.start, self._start_epoch, self._pinned_seed = 0, 0, None
-
-    def resume_at(self, epoch: int, start: int, epoch_seed: int | None = None) -> None:
-        self.set_epoch(epoch)
-        self.start, self._start_epoch, self._pinned_seed = start, epoch, epoch_seed
-
-    def __iter__(self):
-        resuming = self.epoch == self._start_epoch
-        if self.draw_seed:
-            if resuming and self._pinned_seed is not None:
-                seed = self._pinned_seed
-            else:
-                seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
-            self.epoch_seed = seed
-            indices = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-        else:
-            indices = list(super().__iter__())
-        if resuming and self.start:
-            indices = indices[self.start :]
-        return iter(indices)
 
 
 class VisualMCQDataModule(LightningDataModule):
@@ -448,21 +254,4 @@ class VisualMCQDataModule(LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
-def example_prompt_batch(processor, rows: list[dict[str, Any]], system_prompt: str | None = SYSTEM_PROMPT) -> PromptBatch:
-    """Encode in-memory DDM rows (``image`` PIL or bytes dict) into a ``PromptBatch`` (for probes and tests)."""
-    collate = PromptCollator(
-        processor, source="<memory>", system_prompt=system_prompt, max_image_side=None, max_prompt_length=None,
-        on_bad_row="error",
-    )
-    return collate([{**row, "_index": i} for i, row in enumerate(rows)])
-
-
-__all__ = [
-    "VisualMCQDataModule",
-    "VisualMCQDataset",
-    "PromptCollator",
-    "ResumableShuffleSampler",
-    "ShardSampler",
-    "SyntheticData",
-    "example_prompt_batch",
-]
+__all__ = ["SyntheticData", "VisualMCQDataModule", "VisualMCQDataset"]

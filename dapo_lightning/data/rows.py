@@ -17,7 +17,9 @@ from PIL import Image, ImageFile
 
 COLUMNS = ("image", "problem", "solution")
 LETTERS = "ABCDEFGHIJ"
-_OPTION_LINE = re.compile(r"^\s*([A-J])\s*[:：]", re.MULTILINE)
+# An option line: a letter A-J, then a colon (ASCII or full-width ":"), optionally padded with whitespace.
+# "A. x" and "A) x" are not option lines. Matched against the whole problem: the letter is group 1.
+OPTION_LINE = re.compile(r"^\s*([A-J])\s*[:：]", re.MULTILINE)
 # Pillow refuses images above this many pixels (decompression bombs); 1024x1024 thumbnails need far fewer.
 MAX_IMAGE_PIXELS = 16384 * 16384
 
@@ -60,7 +62,18 @@ def missing_columns(column_names: list[str]) -> list[str]:
 
 def option_letters(problem: str) -> list[str]:
     """The letters of the ``X: text`` option lines of a problem, in order."""
-    return _OPTION_LINE.findall(problem)
+    return OPTION_LINE.findall(problem)
+
+
+def first_option_line(problem: str) -> int | None:
+    """Index in ``problem.split("\\n")`` of the first option line (``OPTION_LINE``), or None when there is none.
+
+    The line is the one holding the option's letter, found by the same search over the
+    whole problem as :func:`option_letters`, so the two agree: None exactly when
+    ``option_letters(problem)`` is empty. The lines before it are the question's stem.
+    """
+    match = OPTION_LINE.search(problem)
+    return None if match is None else problem.count("\n", 0, match.start(1))
 
 
 def decode_image(value: Any, *, source: str = "<data>", row: int = -1, max_side: int | None = None) -> Image.Image:

@@ -25,20 +25,23 @@ RewardFn = Callable[..., list]
 class RewardSpec:
     name: str
     fn: RewardFn
-    needs: tuple[str, ...] = ()  # keyword arguments a callback must provide (e.g. "vgr")
+    needs: tuple[str, ...] = ()  # annotations a callback must provide, read under their names (e.g. "vgr")
     provider_hint: str = ""  # what to add to the config when ``needs`` is missing
+    reads_rewards: tuple[str, ...] = ()  # earlier rewards whose outputs it reads by name (listed before it)
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
 
 
-def register_reward(name: str, *, needs: tuple[str, ...] = (), provider_hint: str = "") -> Callable[[RewardFn], RewardFn]:
+def register_reward(
+    name: str, *, needs: tuple[str, ...] = (), provider_hint: str = "", reads_rewards: tuple[str, ...] = ()
+) -> Callable[[RewardFn], RewardFn]:
     """Decorator: make ``fn`` available to configs as ``name``."""
 
     def decorate(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"reward {name!r} is already registered to {_REGISTRY[name].fn.__module__}")
-        _REGISTRY[name] = RewardSpec(name, fn, tuple(needs), provider_hint)
+        _REGISTRY[name] = RewardSpec(name, fn, tuple(needs), provider_hint, tuple(reads_rewards))
         return fn
 
     return decorate
@@ -60,7 +63,8 @@ def get_reward_spec(name: str) -> RewardSpec:
             raise ValueError(f"reward {name!r}: cannot import it ({error})") from error
         if not callable(fn):
             raise ValueError(f"reward {name!r} is not callable")
-        return RewardSpec(name, fn, tuple(getattr(fn, "reward_needs", ())), getattr(fn, "reward_provider_hint", ""))
+        return RewardSpec(name, fn, tuple(getattr(fn, "reward_needs", ())), getattr(fn, "reward_provider_hint", ""),
+                          tuple(getattr(fn, "reward_reads", ())))
     raise ValueError(f"reward {name!r} is not registered; available: {', '.join(available_rewards())}, or a dotted path")
 
 

@@ -89,7 +89,7 @@ def vgr_reward(
     return out
 
 
-@register_reward("vgr_hard_negative", needs=("vgr",), provider_hint=PROVIDER)
+@register_reward("vgr_hard_negative", needs=("vgr",), provider_hint=PROVIDER, reads_rewards=("accuracy",))
 def vgr_hard_negative_reward(
     completions: list,
     vgr: Sequence[float] | None = None,

@@ -6,15 +6,17 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.testing import assert_close
 
-from dapo_lightning.callbacks import AttentionMetrics, MarkdownRolloutLog, TokenWeights
+from dapo_lightning import distributed
 from dapo_lightning.attention import CapturedAttention, token_vgr_weights
 from dapo_lightning.batch import PromptBatch, RolloutBatch
+from dapo_lightning.callbacks import AttentionMetrics, MarkdownRolloutLog, TokenWeights
 from dapo_lightning.config import OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
 from dapo_lightning.data import VisualMCQDataModule
+from dapo_lightning.hooks import RolloutCallback
 from dapo_lightning.module import DAPOModule
 from dapo_lightning.rewards.vgr import vgr_reward
 
@@ -69,17 +71,17 @@ def scalars(trainer) -> dict[str, list[float]]:
     return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-class Probe(Callback):
+class Probe(RolloutCallback):
     """Records what the rollout carries after scoring."""
 
     def __init__(self):
         self.seen = []
 
-    def on_rollout_scored(self, trainer, module, rollout):
+    def on_rollout_scored(self, trainer, pl_module, rollout):
         self.seen.append(
             {
                 "stage": rollout.stage,
-                "extras": dict(rollout.extras),
+                "annotations": dict(rollout.annotations),
                 "rewards": rollout.rewards_per_func.clone(),
                 "names": list(rollout.reward_names),
                 "token_weights": None if rollout.token_weights is None else rollout.token_weights.clone(),
@@ -88,8 +90,8 @@ class Probe(Callback):
             }
         )
 
-    def on_rollout_update_end(self, trainer, module, rollout, metrics):
-        self.seen[-1]["loss"] = metrics["loss"]
+    def on_rollout_update_end(self, trainer, pl_module, rollout, result):
+        self.seen[-1]["loss"] = float(result.metrics()["loss"])
 
 
 def test_metrics_reach_the_reward_and_tensorboard_for_train_and_val(tmp_path, tiny_model_dir, synthetic_parquet):
@@ -99,10 +101,10 @@ def test_metrics_reach_the_reward_and_tensorboard_for_train_and_val(tmp_path, ti
     train = [s for s in probe.seen if s["stage"] == "train"]
     assert len(train) == 2 and [s["stage"] for s in probe.seen].count("val") == 1
     for seen in probe.seen:
-        report = seen["extras"]["attention"]
-        vgr = seen["extras"]["vgr"]
+        report = seen["annotations"]["attention"]
+        vgr = seen["annotations"]["vgr"].tolist()
         assert len(vgr) == report.num_rows == 8
-        assert isinstance(seen["extras"]["attention_tokens"], CapturedAttention)
+        assert isinstance(seen["annotations"]["attention_tokens"], CapturedAttention)
         assert seen["old_logps"] is None  # capturing needs no stored old log-probs
         # the reward column is the vgr reward of exactly the values attached to the rollout
         column = seen["rewards"][:, seen["names"].index("vgr")].tolist()
@@ -118,24 +120,24 @@ def test_metrics_reach_the_reward_and_tensorboard_for_train_and_val(tmp_path, ti
     assert "train/attention/early/vgr" not in logged  # an empty segment is not logged
     # the logged value is the mean over the step's usable rows
     for k, seen in enumerate(train):
-        report = seen["extras"]["attention"]
+        report = seen["annotations"]["attention"]
         values = report.segments["late"].vgr[report.usable]
         assert logged["train/attention/late/vgr"][k] == pytest.approx(float(values.mean()), rel=1e-6)
         assert logged["train/attention/skipped/no_generation_rows"][k] == report.skip_counts()["no_generation_rows"]
     # validation: one value for the epoch, over all its rows
-    (val,) = [s["extras"]["attention"] for s in probe.seen if s["stage"] == "val"]
+    (val,) = [s["annotations"]["attention"] for s in probe.seen if s["stage"] == "val"]
     assert logged["val/attention/all/aei_vision"] == [
         pytest.approx(float(val.segments["all"].aei_vision[val.usable].mean()), rel=1e-6)
     ]
 
 
-class CaptureCounter(Callback):
+class CaptureCounter(RolloutCallback):
     def __init__(self):
         self.captured = []
 
-    def on_rollout_scored(self, trainer, module, rollout):
+    def on_rollout_scored(self, trainer, pl_module, rollout):
         if rollout.stage == "train":
-            self.captured.append("attention" in rollout.extras)
+            self.captured.append("attention" in rollout.annotations)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +197,7 @@ def test_token_weights_off_is_the_core_loss_bit_for_bit_and_on_changes_the_updat
         assert torch.equal(a, b), key
     # on: the first rollout is the same (same seed, same policy), its weights are SPEC 4's and the update differs
     first = on[1].seen[0]
-    captured = first["extras"]["attention_tokens"]
+    captured = first["annotations"]["attention_tokens"]
     text, vision = captured.token_masses()
     expected = token_vgr_weights(
         text,
@@ -241,7 +243,7 @@ def _hand_rollout(replayed):
     text = torch.tensor([[[0.5, 0.8, 0.6], [0.5, 0.0, 0.0]]])  # [L=1, N=2, R=3]
     vision = torch.tensor([[[0.5, 0.2, 0.4], [0.1, 0.0, 0.0]]])
     rows = torch.tensor([[True, True, True], [True, False, False]])
-    rollout.extras["attention_tokens"] = CapturedAttention(
+    rollout.annotations["attention_tokens"] = CapturedAttention(
         text, vision, rows, torch.tensor([10, 10]), torch.tensor([2, 2]), torch.ones(1, 2, dtype=torch.bool)
     )
     return rollout
@@ -277,7 +279,7 @@ def test_token_weight_arguments_are_checked():
     )
 
 
-def test_logged_values_are_reduced_over_processes_in_one_gather():
+def test_logged_values_are_reduced_over_processes_in_one_gather(monkeypatch):
     from types import SimpleNamespace
 
     metrics = AttentionMetrics()
@@ -288,14 +290,14 @@ def test_logged_values_are_reduced_over_processes_in_one_gather():
     mine[:, skips], theirs[:, skips] = torch.tensor([1.0, -1.0]), torch.tensor([2.0, -1.0])  # skipped rows
     logged, gathers = {}, []
 
-    def all_gather(tensor):
+    def gather(tensor):
         gathers.append(tensor.shape)
         return torch.stack([tensor, theirs])  # [W, 2, M]
 
-    module = SimpleNamespace(
-        device="cpu", all_gather=all_gather, log=lambda key, value, **kw: logged.update({key: value})
-    )
-    metrics._emit(SimpleNamespace(world_size=2), module, "train", mine, on_step=True)
+    monkeypatch.setattr(distributed, "gather", gather)
+    module = SimpleNamespace(log=lambda key, value, **kw: logged.update({key: value}))
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    metrics._emit(trainer, module, "train", mine, on_step=True)
     assert gathers == [(2, len(names))]  # one collective for every value
     assert logged["train/attention/late/vgr"] == (3.0 + 6.0) / (2 + 4)  # the mean over all processes' rows
     assert logged["train/attention/skipped/no_vision_tokens"] == 3.0
@@ -310,18 +312,19 @@ def test_capture_during_generation_makes_no_second_forward_and_matches_the_teach
         probe = Probe()
         module = make_module(tiny_model_dir, rewards=("accuracy", "vgr"), weights=[1.0, 0.2])
         passes = []
-        original = module.completion_logps
+        module.configure_model()  # makes the actor (fit keeps it): count its passes over the completions
+        original = module.actor.completion_logps
 
         def counting(rollout, rows, **kwargs):
             passes.append(torch.is_grad_enabled())
             return original(rollout, rows, **kwargs)
 
-        monkeypatch.setattr(module, "completion_logps", counting)
+        monkeypatch.setattr(module.actor, "completion_logps", counting)
         fit(tmp_path / str(during), module, synthetic_parquet, tiny_model_dir, steps=1,
             callbacks=[AttentionMetrics(capture_during_generation=during), probe])
         no_grad_passes = passes.count(False)
         assert no_grad_passes == (0 if during else 1)  # one chunk: the teacher-forced pass, only when needed
-        reports[during] = probe.seen[0]["extras"]["vgr"]
+        reports[during] = probe.seen[0]["annotations"]["vgr"].tolist()
     # same sampled completions (same seed), same statistics from either capture
     torch.testing.assert_close(torch.tensor(reports[True]), torch.tensor(reports[False]), rtol=1e-5, atol=1e-6,
                                equal_nan=True)

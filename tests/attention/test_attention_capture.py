@@ -4,7 +4,10 @@
     (every layer, every head, full matrices): relative error <= 1e-5 in float32.
 (2) Against the original system's collection, rows taken step by step from
     ``generate(output_attentions=True, return_dict_in_generate=True)`` on the same sampled completion: within 1e-4.
+(3) ``attention_mass``, the one mass computation, against a brute-force softmax on random tensors.
 """
+
+import math
 
 import pytest
 import torch
@@ -13,23 +16,19 @@ from transformers.modeling_utils import AttentionInterface
 
 from dapo_lightning.attention import (
     CapturedAttention,
+    DecodeRecorder,
     SpecialTokens,
+    TeacherForcedRecorder,
     attention_report,
     first_real_position,
     generation_step_masses,
     modality_masks,
 )
-from dapo_lightning.attention_capture import AttentionCapture, _KernelConfig, decoder_attention_modules
+from dapo_lightning.attention.capture import _KernelConfig, decoder_attention_modules
 from dapo_lightning.batch import RolloutBatch
+from dapo_lightning.logprobs import completion_logps, completion_logps_shared
 from dapo_lightning.models import load_policy
-from dapo_lightning.rollout import (
-    SamplingSettings,
-    TokenIds,
-    completion_logps,
-    completion_logps_shared,
-    completion_mask_from_eos,
-    generate,
-)
+from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_mask_from_eos, generate
 
 CHUNKS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # micro-batches that mix groups of different prompt lengths
 
@@ -51,21 +50,25 @@ def rollout(policy, processor, prompt_batch):
 
 
 def capture(policy, special, rollout, *, chunks=CHUNKS, shared=False, **kwargs) -> CapturedAttention:
-    """What DAPOModule.teacher_forced_pass does: one pass per row chunk inside the capture.
+    """What Actor.teacher_forced does: one pass per row chunk inside the recorder, then ``finish``.
 
     ``shared``: the pass runs each prompt once and the completions from its cache
     (``completion_logps_shared``), as the module does by default.
     """
-    cap = AttentionCapture(policy, special, rollout.num_rows, rollout.completion_ids.shape[1], **kwargs)
-    with torch.no_grad(), cap:
+    finished = []
+    recorder = TeacherForcedRecorder(policy, special, rollout.num_rows, rollout.completion_ids.shape[1],
+                                     on_finish=lambda r, captured: finished.append((r, captured)), **kwargs)
+    with torch.no_grad(), recorder:
         for rows in chunks:
             inputs = rollout.model_inputs(rows)
-            cap.before_forward(rows, inputs)
+            recorder.before_chunk(rows, inputs)
             if shared:
                 completion_logps_shared(policy, rollout, rows)
             else:
                 completion_logps(policy, inputs)
-    return cap.result
+    result = recorder.finish(rollout)
+    assert finished == [(rollout, result)]  # handed to whoever asked for the recorder
+    return result
 
 
 def brute_force(eager, special, rollout, variant):
@@ -193,24 +196,25 @@ def test_the_fast_kernel_still_runs_and_untouched_layers_are_not_computed(policy
     with torch.no_grad():
         plain = completion_logps(policy, rollout.model_inputs(CHUNKS[0])).logps
     got = None
-    cap = AttentionCapture(policy, special, rollout.num_rows, rollout.completion_ids.shape[1], layers=[1])
+    recorder = TeacherForcedRecorder(policy, special, rollout.num_rows, rollout.completion_ids.shape[1], layers=[1])
     calls.clear()
-    with torch.no_grad(), cap:
+    with torch.no_grad(), recorder:
         inputs = rollout.model_inputs(CHUNKS[0])
-        cap.before_forward(CHUNKS[0], inputs)
+        recorder.before_chunk(CHUNKS[0], inputs)
         got = completion_logps(policy, inputs).logps
+    result = recorder.finish(rollout)
     # both layers ran sdpa once; layer 1 through the capture (its config names the capture kernel), layer 0 as usual
     assert calls == [("own", 0), ("sdpa", 0), ("capture", 1), ("sdpa", 1)]
     assert torch.equal(got, plain)  # the forward's output is untouched
-    assert cap.result.captured[:, :4].tolist() == [[False] * 4, [True] * 4]
-    assert (cap.result.text[0] == 0).all()  # layer 0: no statistics computed
+    assert result.captured[:, :4].tolist() == [[False] * 4, [True] * 4]
+    assert (result.text[0] == 0).all()  # layer 0: no statistics computed
     # on exit the modules are as they were
     for module in decoder_attention_modules(policy):
         assert not isinstance(module.config, _KernelConfig) and not hasattr(module, "_dapo_attention_capture")
 
 
 def test_scores_are_computed_in_bounded_chunks(policy, processor, rollout, monkeypatch):
-    import dapo_lightning.attention_capture as capture_module
+    import dapo_lightning.attention.capture as capture_module
 
     special = SpecialTokens.from_tokenizer(processor.tokenizer)
     sizes = []
@@ -234,10 +238,10 @@ def test_scores_are_computed_in_bounded_chunks(policy, processor, rollout, monke
 
 def test_a_second_capture_on_the_same_model_is_refused(policy, processor, rollout):
     special = SpecialTokens.from_tokenizer(processor.tokenizer)
-    first = AttentionCapture(policy, special, rollout.num_rows, rollout.completion_ids.shape[1])
+    first = TeacherForcedRecorder(policy, special, rollout.num_rows, rollout.completion_ids.shape[1])
     with first:
         with pytest.raises(RuntimeError, match="already active"):
-            with AttentionCapture(policy, special, rollout.num_rows, rollout.completion_ids.shape[1]):
+            with DecodeRecorder(policy, special, rollout.num_rows, rollout.completion_ids.shape[1]):
                 pass
     for module in decoder_attention_modules(policy):
         assert not isinstance(module.config, _KernelConfig)
@@ -245,26 +249,23 @@ def test_a_second_capture_on_the_same_model_is_refused(policy, processor, rollou
 
 @pytest.mark.parametrize("flush", [32, 3], ids=["one-reduction", "reduced-every-3-steps"])
 @pytest.mark.parametrize("variant", ["original", "paper"])
-def test_capture_during_generation_equals_brute_force(policy, processor, prompt_batch, tiny_model_dir, variant, flush,
-                                                      monkeypatch):
+def test_capture_during_generation_equals_brute_force(policy, processor, prompt_batch, tiny_model_dir, variant,
+                                                      flush):
     """The decode steps' own queries (no second forward) give the same statistics as full attention matrices."""
-    from dapo_lightning import attention_capture
     from dapo_lightning.rollout import generate_shared
-
-    monkeypatch.setattr(attention_capture, "GENERATION_FLUSH_STEPS", flush)
 
     special = SpecialTokens.from_tokenizer(processor.tokenizer)
     token_ids = TokenIds.from_tokenizer(processor.tokenizer, policy.generation_config)
     settings = SamplingSettings(num_generations=4, max_new_tokens=10)
     policy.eval()
-    cap = AttentionCapture(policy, special, len(prompt_batch) * 4, settings.max_new_tokens, variant=variant)
+    recorder = DecodeRecorder(policy, special, len(prompt_batch) * 4, settings.max_new_tokens, variant=variant,
+                              flush_steps=flush)
     torch.manual_seed(0)
-    with torch.no_grad(), cap:
-        cap.before_generation(prompt_batch, 4)
+    with torch.no_grad(), recorder:
+        recorder.before_generation(prompt_batch, 4)
         rollout = generate_shared(policy, prompt_batch, processor.tokenizer, settings, token_ids,
-                                  on_decode_step=cap.before_decode_step)
-    cap.finish_generation(rollout.completion_mask)
-    got = cap.result
+                                  on_decode_step=recorder.before_decode_step)
+    got = recorder.finish(rollout)
     assert len(set(rollout.completion_lengths.tolist())) > 1  # rows end at different steps
     eager = load_policy(str(tiny_model_dir), attn_implementation="eager").eval()
     text, vision = brute_force(eager, special, rollout, variant)
@@ -272,3 +273,64 @@ def test_capture_during_generation_equals_brute_force(policy, processor, prompt_
     assert torch.equal(got.rows, torch.arange(text.shape[2])[None, :] < rollout.completion_lengths[:, None] - 1)
     assert_close(got.text.double(), text, rtol=1e-5, atol=1e-7)
     assert_close(got.vision.double(), vision, rtol=1e-5, atol=1e-7)
+
+
+def _brute_force_mass(query, key, indicators, key_valid, first_query, first_position, count, scale, sliding_window,
+                      variant):
+    """Full softmax in float64, query by query: SPEC 3's sink-zeroed, renormalised head average (or per-head shares)."""
+    n, H, _, d = query.shape
+    groups = H // key.shape[1]
+    keys = key.double().repeat_interleave(groups, dim=1)  # [n, H, S, d]
+    S, P = keys.shape[2], indicators.shape[1]
+    sets = torch.zeros(n, S, 3, dtype=torch.float64)
+    sets[:, :P] = indicators.double()
+    text, vision = torch.zeros(n, count, dtype=torch.float64), torch.zeros(n, count, dtype=torch.float64)
+    for r in range(count):
+        position = first_position + r
+        allowed = (torch.arange(S) <= position) & key_valid[:, :S]  # [n, S]
+        if sliding_window is not None:
+            allowed &= torch.arange(S) > position - sliding_window
+        scores = (query[:, :, first_query + r].double().unsqueeze(2) @ keys.transpose(-1, -2)).squeeze(2) * scale
+        attention = scores.masked_fill(~allowed[:, None], -math.inf).softmax(-1)  # [n, H, S]
+        if variant == "original":
+            g = attention.mean(1)  # [n, S] head average
+            kept, t, v = (g.unsqueeze(-1) * sets).sum(1).unbind(-1)  # [n] each
+            text[:, r], vision[:, r] = t / kept, v / kept  # renormalised over the kept prompt keys
+        else:
+            t = torch.einsum("nhs,ns->nh", attention, sets[..., 1])  # [n, H] each head's mass on text keys
+            v = torch.einsum("nhs,ns->nh", attention, sets[..., 2])
+            text[:, r], vision[:, r] = (t / (t + v)).mean(1), (v / (t + v)).mean(1)
+    return text, vision
+
+
+@pytest.mark.parametrize("variant", ["original", "paper"])
+@pytest.mark.parametrize("chunk_elements, sliding_window", [(2**22, None), (20, None), (2**22, 4)],
+                         ids=["one-chunk", "chunked", "sliding-window"])
+def test_attention_mass_equals_a_brute_force_softmax(variant, chunk_elements, sliding_window):
+    from dapo_lightning.attention import attention_mass
+
+    torch.manual_seed(0)
+    n, H, H_kv, d, P, T = 2, 4, 2, 8, 5, 4  # grouped keys: two query heads per key head
+    S = P + T
+    query, key = torch.randn(n, H, S, d), torch.randn(n, H_kv, S, d)  # a full forward over prompt + completion
+    key_valid = torch.ones(n, S, dtype=torch.bool)
+    key_valid[1, 0] = False  # row 1 is left-padded by one column
+    kept = key_valid[:, :P].clone()
+    kept[0, 0], kept[1, 1] = False, False  # the sinks: each row's first real column
+    text_keys = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 1, 0, 1]], dtype=torch.bool) & kept
+    vision_keys = torch.tensor([[0, 0, 1, 0, 1], [0, 0, 0, 1, 0]], dtype=torch.bool) & kept
+    indicators = torch.stack([kept, text_keys, vision_keys], dim=-1).float()  # [n, P, 3]
+    # generation rows 1 .. 2 (queries at columns P + 1, P + 2) of the block of completion queries
+    text, vision = attention_mass(query, key, indicators, key_valid, first_query=P + 1, first_position=P + 1,
+                                  count=2, scaling=0.3, sliding_window=sliding_window, variant=variant,
+                                  chunk_elements=chunk_elements)
+    assert text.shape == vision.shape == (n, 2)  # [n, count]
+    expected = _brute_force_mass(query, key, indicators, key_valid, P + 1, P + 1, 2, 0.3, sliding_window, variant)
+    assert_close(text.double(), expected[0], rtol=1e-5, atol=1e-7)
+    assert_close(vision.double(), expected[1], rtol=1e-5, atol=1e-7)
+    # the same queries given as a block of their own (as the shared-prompt pass and the decode steps give them)
+    alone = attention_mass(query[:, :, P + 1 : P + 3], key, indicators, key_valid, first_query=0,
+                           first_position=P + 1, count=2, scaling=0.3, sliding_window=sliding_window,
+                           variant=variant, chunk_elements=chunk_elements)
+    assert_close(alone[0], text)
+    assert_close(alone[1], vision)

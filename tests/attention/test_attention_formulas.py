@@ -7,16 +7,21 @@ import torch
 from torch.testing import assert_close
 
 from dapo_lightning.attention import (
+    MIN_VISION_DENSITY,
     CapturedAttention,
     attention_report,
     gaussian_smooth,
     generation_rows,
+    reward_segment_vgr,
     reward_vgr,
     segment_layers,
     segment_metrics,
     skip_reasons,
+    text_over_vision_vgr,
+    token_vgr,
     token_vgr_weights,
     token_vision_share_weights,
+    vision_over_text_vgr,
 )
 
 NAN, INF = math.nan, math.inf
@@ -66,6 +71,51 @@ def test_vgr_aei_and_ratios_by_hand():
     )
     assert_close(paper.vgr, torch.tensor([1.25], dtype=torch.float64))
     assert_close(paper.vision_ratio, torch.tensor([1 / 1.8], dtype=torch.float64))
+
+
+def test_the_code_vgr_is_text_density_over_vision_density():
+    # row 0: (2.0 / 20) / (0.5 / 4) = 0.1 / 0.125 = 0.8; row 1: |V| = 0 -> +inf; row 2: A_V = 0 -> 0.1 / 0 = inf,
+    # outside (0, inf) -> NaN; row 3: A_T = 0 -> 0 / 0.125 = 0, outside (0, inf) -> NaN
+    values = text_over_vision_vgr(
+        torch.tensor([2.0, 2.0, 1.0, 0.0]), torch.tensor([0.5, 0.0, 0.0, 0.5]), torch.tensor([20, 20, 20, 20]),
+        torch.tensor([4, 0, 4, 4]),
+    )
+    assert values.dtype == torch.float64 and values.shape == (4,)  # [N]
+    assert_close(values, torch.tensor([0.8, INF, NAN, NAN], dtype=torch.float64), equal_nan=True)
+
+
+def test_the_paper_vgr_is_vision_density_over_text_density():
+    # row 0: 0.125 / 0.1 = 1.25; row 1: |V| = 0 -> 0 / 0 = NaN (no +inf in this orientation); row 2: (0.2 / 4) / 0.1
+    values = vision_over_text_vgr(
+        torch.tensor([2.0, 2.0, 2.0]), torch.tensor([0.5, 0.0, 0.2]), torch.tensor([20, 20, 20]),
+        torch.tensor([4, 0, 4]),
+    )
+    assert_close(values, torch.tensor([1.25, NAN, 0.5], dtype=torch.float64), equal_nan=True)
+
+
+def test_the_reward_segment_vgr_needs_a_vision_density_above_one_millionth():
+    # A_T 2.0 over |T| 20 -> text density 0.1 in every row.
+    # row 0: A_V 8e-6 / |V| 4 = 2e-6 > 1e-6 -> 0.1 / 2e-6 = 50000; row 1: 4e-6 / 4 = 1e-6, not above -> NaN;
+    # row 2: |T| = 0 -> NaN; row 3: |V| = 0 -> +inf
+    assert MIN_VISION_DENSITY == 1e-6
+    values = reward_segment_vgr(
+        torch.tensor([2.0, 2.0, 2.0, 2.0], dtype=torch.float64), torch.tensor([8e-6, 4e-6, 0.5, 0.5],
+                                                                              dtype=torch.float64),
+        torch.tensor([20, 20, 0, 20]), torch.tensor([4, 4, 4, 0]),
+    )
+    assert_close(values, torch.tensor([50000.0, NAN, NAN, INF], dtype=torch.float64), equal_nan=True)
+
+
+def test_the_token_vgr_adds_one_millionth_to_the_vision_density():
+    # |T| 10, |V| 2. token 0: (0.5 / 10) / (0.5 / 2 + 1e-6) = 0.05 / 0.250001 = 0.19999920;
+    # token 1: A_V 0 -> 0.05 / 1e-6 = 50000 (finite: no NaN as in the row VGR); token 2: A_T 0 -> 0 -> 1;
+    # row 1 (|V| = 0): 0 / 0 = NaN -> 1
+    values = token_vgr(
+        torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.5]]), torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]),
+        torch.tensor([10, 10]), torch.tensor([2, 0]),
+    )
+    assert values.shape == (2, 3)  # [N, R]
+    assert_close(values, torch.tensor([[0.05 / 0.250001, 50000.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64))
 
 
 def test_the_reward_value_is_late_falling_back_to_all_and_marks_invalid_rows():

@@ -81,3 +81,18 @@ def test_special_tokens_from_the_qwen_tokenizer_and_a_two_image_prompt(processor
     assert masks.num_vision.tolist() == [8]
     # user(1) + "Which image is red ?"(5) + "A : red B : blue"(6) + assistant(1); the system turn is excluded
     assert masks.num_text.tolist() == [13]
+
+
+def test_key_sets_drop_padding_and_the_sink_from_every_set():
+    from dapo_lightning.attention import key_sets
+
+    # 0 padding; 1 <|im_start|> = the sink (first real token); 2 "sys"; 3 <|im_end|>; 4 <|im_start|>; 5 "user";
+    # 6 <|vision_start|>; 7 image pad; 8 <|vision_end|>; 9 "Which"
+    row = [PAD, IM_START, 10, IM_END, IM_START, 12, VS, IMG, VE, 13]
+    keys = key_sets(torch.tensor([row]), torch.tensor([[0] + [1] * 9]), SPECIAL)
+    assert keys.indicators.shape == (1, 10, 3)  # [n, P, 3]
+    kept, text, vision = keys.indicators[0].T.tolist()
+    assert kept == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]  # not the padding column 0, not the sink column 1
+    assert text == [0, 0, 0, 0, 0, 1, 0, 0, 0, 1]  # "user", "Which" (the system turn 1..3 is not text)
+    assert vision == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]
+    assert keys.num_text.tolist() == [2] and keys.num_vision.tolist() == [1]

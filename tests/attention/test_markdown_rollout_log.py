@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dapo_lightning.callbacks.markdown_log import MarkdownRolloutLog, cell, fence
+from dapo_lightning.callbacks.markdown_log import MarkdownRolloutLog
+from dapo_lightning.callbacks.markdown_render import cell, fence
 from dapo_lightning.attention import CapturedAttention, attention_report
 from dapo_lightning.batch import PromptBatch, RolloutBatch
+from dapo_lightning.update import UpdateResult
 
 import markdown_it  # noqa: E402  (a test dependency: setup.cfg [test])
 
@@ -67,7 +69,7 @@ def adversarial_rollout(stage="train") -> RolloutBatch:
         torch.tensor([2, 2, 2, 0]),
         torch.ones(4, 4, dtype=torch.bool),
     )
-    rollout.extras["attention"] = attention_report(captured)
+    rollout.annotations["attention"] = attention_report(captured)
     return rollout
 
 
@@ -141,7 +143,7 @@ def test_files_every_n_steps_the_eval_counterpart_and_rank_zero_only(tmp_path):
     log.setup(trainer, module, "fit")
     for step in range(3):
         trainer.global_step = step + 1
-        log.on_rollout_update_end(trainer, module, adversarial_rollout(), {"loss": 0.1})
+        log.on_rollout_update_end(trainer, module, adversarial_rollout(), UpdateResult(False, loss=torch.tensor(0.1)))
     rollouts = (tmp_path / "rollout_results.md").read_text()
     assert headings(parse(rollouts)).count("Samples") == 2
     assert "## Step 1\n" in rollouts and "## Step 3\n" in rollouts and "## Step 2\n" not in rollouts
@@ -163,7 +165,7 @@ def test_files_every_n_steps_the_eval_counterpart_and_rank_zero_only(tmp_path):
     other = MarkdownRolloutLog(dirpath=str(tmp_path / "rank1"))
     rank1 = SimpleNamespace(**{**vars(trainer), "is_global_zero": False})
     other.setup(rank1, module, "fit")
-    other.on_rollout_update_end(rank1, module, adversarial_rollout(), {})
+    other.on_rollout_update_end(rank1, module, adversarial_rollout(), UpdateResult(False))
     assert not (tmp_path / "rank1").exists()
 
 

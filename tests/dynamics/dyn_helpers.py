@@ -5,12 +5,14 @@ from __future__ import annotations
 import glob
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig
 from dapo_lightning.data import VisualMCQDataModule
+from dapo_lightning.hooks import RolloutCallback
 from dapo_lightning.module import DAPOModule
+from dapo_lightning.update import row_chunks
 
 LETTERS = set("ABCDEFGHIJ")
 
@@ -80,7 +82,7 @@ def scalars(root, tag) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-class RolloutLog(Callback):
+class RolloutLog(RolloutCallback):
     """Keeps what each train rollout looks like when the loss sees it (it must run last)."""
 
     def __init__(self):
@@ -92,8 +94,8 @@ class RolloutLog(Callback):
         self.loader.append(list(batch.index))
 
     def on_rollout_scored(self, trainer, module, rollout):
-        self.tags.append((rollout.stage, rollout.tag))
-        if rollout.stage == "train" and rollout.tag is None:
+        self.tags.append((rollout.stage, rollout.requested_by))
+        if rollout.stage == "train" and not rollout.is_extra:
             self.steps.append({
                 "index": list(rollout.prompts.index),
                 "replayed": rollout.replayed.clone(),
@@ -107,7 +109,7 @@ def parameters(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.policy.named_parameters()}
 
 
-class RankRecorder(Callback):
+class RankRecorder(RolloutCallback):
     """Writes, per rank, what each training step trained on and what validation saw (for the DDP test)."""
 
     def __init__(self, path: str):
@@ -123,12 +125,12 @@ class RankRecorder(Callback):
         self.shards[trainer.current_epoch] = sorted(DistributedSampler.__iter__(trainer.train_dataloader.sampler))
 
     def on_rollout_scored(self, trainer, module, rollout):
-        if rollout.stage == "train" and rollout.tag == "dynamic_sampling":
+        if rollout.stage == "train" and rollout.requested_by == "dynamic_sampling":
             self.drawn.append({"index": list(rollout.prompts.index), "epoch": trainer.current_epoch})
-        if rollout.stage == "train" and rollout.tag is None:
+        if rollout.stage == "train" and not rollout.is_extra:
             self.steps.append({"index": list(rollout.prompts.index), "rows": rollout.num_rows,
                                "width": int(rollout.completion_ids.shape[1]),
-                               "micro_batches": len(module.row_chunks(rollout.num_rows)),
+                               "micro_batches": len(row_chunks(rollout.num_rows, module.optim_cfg.micro_batch_size)),
                                "replayed": rollout.replayed.view(-1, rollout.num_generations)[:, 0].tolist()})
 
     def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from dyn_helpers import fit, make_data, make_module
-from lightning.pytorch import Callback
 
 from dapo_lightning.callbacks import DynamicSampling, ReplayBuffer
+from dapo_lightning.hooks import RolloutCallback
 
 
-class BeforeMoves(Callback):
+class BeforeMoves(RolloutCallback):
     """Listed after TokenWeights, before the callbacks that move groups: what every group looked like."""
 
     def __init__(self):
@@ -26,15 +26,16 @@ class BeforeMoves(Callback):
         for g in range(rollout.num_groups):
             rows = slice(g * G, (g + 1) * G)
             key = (rollout.prompts.index[g], tuple(rollout.completions[rows]))
-            self.groups[key] = (rollout.token_weights[rows].clone(), list(rollout.extras["vgr"][rows]), rollout.tag)
+            vgr = rollout.annotations["vgr"].tolist()[rows]
+            self.groups[key] = (rollout.token_weights[rows].clone(), vgr, rollout.requested_by)
 
 
-class AfterMoves(Callback):
+class AfterMoves(RolloutCallback):
     def __init__(self):
         self.final = []
 
     def on_rollout_scored(self, trainer, module, rollout):
-        if rollout.stage == "train" and rollout.tag is None:
+        if rollout.stage == "train" and not rollout.is_extra:
             self.final.append(rollout)
 
 
@@ -60,5 +61,5 @@ def test_moved_groups_keep_their_vgr_and_token_weights(tmp_path, tiny_model_dir,
             width = weights.shape[1]
             torch.testing.assert_close(rollout.token_weights[rows, :width], weights)
             assert (rollout.token_weights[rows, width:] == 1).all()  # padding added by reassembly
-            assert rollout.extras["vgr"][rows] == pytest.approx(vgr, nan_ok=True)
+            assert rollout.annotations["vgr"].tolist()[rows] == pytest.approx(vgr, nan_ok=True)
     assert drawn > 0 and replayed > 0  # groups did come from extra rounds and from the buffer

@@ -318,7 +318,7 @@ def test_experiment_runs_two_steps_on_the_cpu(tmp_path, monkeypatch, tiny_model_
 def test_a_deepspeed_config_with_managed_accumulation_is_refused():
     """ZeRO-2 with managed accumulation keeps only the last micro-batch's gradient: the module refuses it."""
     from dapo_lightning.config import OptimConfig
-    from dapo_lightning.module import deepspeed_accumulation_problem
+    from dapo_lightning.fit_checks import deepspeed_accumulation_problem
 
     ours = json.loads((CONFIGS / "deepspeed_zero2.json").read_text())
     assert deepspeed_accumulation_problem(ours, OptimConfig(micro_batch_size=4)) is None

@@ -13,20 +13,20 @@ from dapo_lightning.callbacks.dynamic_sampling import kept_groups
 
 
 def rollout_with(rewards, accuracy, G=4):
-    rollout = SimpleNamespace(num_generations=G, rewards=torch.tensor(rewards, dtype=torch.float32))
-    module = SimpleNamespace(rollout_accuracy=lambda r: torch.tensor(accuracy, dtype=torch.float32))
-    return rollout, module
+    """A scored rollout's rewards and its accuracy reward column (what ``metrics.row_accuracy`` reads)."""
+    return SimpleNamespace(num_generations=G, rewards=torch.tensor(rewards, dtype=torch.float32),
+                           reward_names=["accuracy"], rewards_per_func=torch.tensor(accuracy, dtype=torch.float32)[:, None])
 
 
 def test_keep_rules_worked_by_hand():
     # groups of 4: [1 0 0 0] varies; [1 1 1 1] all right; [0 0 0 0] all wrong; [0.5 0.5 0.5 0.5+1e-7] ~constant
     rewards = [1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5 + 1e-7]
     accuracy = [1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0]
-    rollout, module = rollout_with(rewards, accuracy)
-    assert kept_groups(rollout, module, "reward_std", 1e-6).tolist() == [True, False, False, False]
-    assert kept_groups(rollout, module, "reward_std", 0.0).tolist() == [True, False, False, True]
+    rollout = rollout_with(rewards, accuracy)
+    assert kept_groups(rollout, "reward_std", 1e-6).tolist() == [True, False, False, False]
+    assert kept_groups(rollout, "reward_std", 0.0).tolist() == [True, False, False, True]
     # 0 < correct < G: 1 of 4, 4 of 4, 0 of 4, 1 of 4
-    assert kept_groups(rollout, module, "accuracy", 1e-6).tolist() == [True, False, False, True]
+    assert kept_groups(rollout, "accuracy", 1e-6).tolist() == [True, False, False, True]
 
 
 @pytest.mark.parametrize(

@@ -6,17 +6,22 @@ import numpy as np
 import pytest
 import torch
 from dyn_helpers import fit, make_data, make_module, scalars
-from lightning.pytorch import Callback
 
 from dapo_lightning.callbacks import ModalityProbe
 from dapo_lightning.callbacks.modality_probe import NEUTRAL_PROMPT, blank_image, neutral_problem
+from dapo_lightning.annotations import RowValues
+from dapo_lightning.hooks import RolloutCallback
 from dapo_lightning.module import DAPOModule
+from dapo_lightning.rewards import registry
+from dapo_lightning.rewards.registry import RewardSpec
 
 
 def test_neutral_problem_keeps_only_the_options():
     problem = "What colour is the shape in the image?\nA: red\nB: green\nC: blue"
     assert neutral_problem(problem, "Choose.") == "Choose.\nA: red\nB: green\nC: blue"
-    assert neutral_problem("Line one\nline two\nA. x\nB) y") == f"{NEUTRAL_PROMPT}\nA. x\nB) y"
+    assert neutral_problem("Line one\nline two\nA: x\nB： y") == f"{NEUTRAL_PROMPT}\nA: x\nB： y"
+    # one grammar of option lines, the data format's (rows.OPTION_LINE): "A." is not one (such rows never load)
+    assert neutral_problem("Line one\nA. x") == NEUTRAL_PROMPT
 
 
 def test_blank_images():
@@ -33,29 +38,38 @@ def test_unknown_or_repeated_variants_name_the_key(variants):
         ModalityProbe(variants=variants)
 
 
-class ProbeRollouts(Callback):
+class ProbeRollouts(RolloutCallback):
     def __init__(self):
         self.val = {}
 
     def on_rollout_scored(self, trainer, module, rollout):
         if rollout.stage == "val":
-            self.val.setdefault(rollout.tag, []).append(rollout)
+            self.val.setdefault(rollout.requested_by, []).append(rollout)
+
+
+def image_has_structure(completions, sees_image, **kwargs):
+    """Stands in for the accuracy reward: right when the row's image has any structure (see ``SeesImages``)."""
+    return list(sees_image)
 
 
 class SeesImages(DAPOModule):
     """Counts an answer right when its image has any structure: a stand-in for a model that reads pictures,
-    so that every variant's accuracy is known in advance (image 1, black 0, white 0, noise 1, no question 1)."""
+    so that every variant's accuracy is known in advance (image 1, black 0, white 0, noise 1, no question 1).
+    Each sampled row is annotated with it, and ``image_has_structure`` stands in for the accuracy reward."""
 
-    def rollout_accuracy(self, rollout):
+    def sample(self, batch, stage, requested_by=None):
+        rollout = super().sample(batch, stage, requested_by)
         right, start = [], 0
         for n in rollout.prompts.patch_counts:
             patches = rollout.prompts.pixel_values[start : start + n]
             start += n
             right.append(0.0 if (patches == patches[0]).all() else 1.0)
-        return torch.tensor(right).repeat_interleave(rollout.num_generations)
+        rollout.annotations["sees_image"] = RowValues(torch.tensor(right).repeat_interleave(rollout.num_generations))
+        return rollout
 
 
-def test_probe_variants_and_logged_accuracies(tmp_path, tiny_model_dir, synthetic_parquet):
+def test_probe_variants_and_logged_accuracies(tmp_path, tiny_model_dir, synthetic_parquet, monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "accuracy", RewardSpec("accuracy", image_has_structure))
     probe, seen = ModalityProbe(), ProbeRollouts()
     module = make_module(tiny_model_dir, rewards=("accuracy",), eval_greedy=True, cls=SeesImages)
     data = make_data(synthetic_parquet, tiny_model_dir, eval_limit=3)  # two validation batches: 2 + 1 questions

@@ -11,11 +11,14 @@ import torch
 from torch.testing import assert_close
 
 from dapo_lightning.callbacks import DynamicSampling, ReplayBuffer
-from dapo_lightning.callbacks.groups import group_record
 from dapo_lightning.callbacks.replay_buffer import eligible_groups, group_statistics, sample_proportional
 from dapo_lightning.advantages import group_advantages
 from dapo_lightning.data import example_prompt_batch
-from dapo_lightning.rollout import SamplingSettings, TokenIds, completion_logps, generate
+from dapo_lightning.groups import take_group
+from dapo_lightning.hooks import check_callbacks
+from dapo_lightning.rewards import get_reward_spec
+from dapo_lightning.logprobs import completion_logps
+from dapo_lightning.rollout import SamplingSettings, TokenIds, generate
 
 G = 4
 
@@ -64,7 +67,7 @@ def test_sampling_repeats_a_group_only_when_more_are_needed_than_held():
 def test_the_heap_keeps_the_best_scores_and_is_bounded():
     buffer = ReplayBuffer(replay_buffer_size=3)
     for score in [5.0, 1.0, 3.0, 2.0, 4.0]:
-        buffer._push(score, {"rows": {}})
+        buffer._push(score, SimpleNamespace(for_storage=lambda: None))
     assert sorted(buffer.scores) == [3.0, 4.0, 5.0]
 
 
@@ -83,11 +86,12 @@ def test_negative_epsilon_names_the_key():
 
 
 def fake_module(policy, processor, logged):
+    """The members of hooks.RolloutModule the buffer reads."""
     return SimpleNamespace(
-        reward_specs=[SimpleNamespace(name="r")],
-        rollout_cfg=SimpleNamespace(num_generations=G),
-        token_ids=TokenIds.from_tokenizer(processor.tokenizer, policy.generation_config),
-        policy=policy,
+        reward_names=["r"],
+        num_generations=G,
+        pad_token_id=TokenIds.from_tokenizer(processor.tokenizer, policy.generation_config).pad,
+        policy_dtype=next(policy.parameters()).dtype,
         log_dict=lambda values, **kwargs: logged.append(values),
     )
 
@@ -127,7 +131,7 @@ def test_a_replayed_group_keeps_its_own_prompt_image_completions_and_logprobs(po
 
     # step 1: group 0 varies (stored); groups 1 and 2 are constant but the buffer is still empty
     first = scored_rollout(policy, processor, first_batch, [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1], seed=1)
-    stored = copy.deepcopy(group_record(first, 0))
+    stored = copy.deepcopy(take_group(first, 0))
     buffer.on_rollout_scored(trainer, module, first)
     assert not first.replayed.any() and len(buffer) == 1
     assert buffer.scores == pytest.approx([1.5 / 0.5001 * 0.5])
@@ -135,20 +139,20 @@ def test_a_replayed_group_keeps_its_own_prompt_image_completions_and_logprobs(po
 
     # step 2: other prompts; groups 1 and 2 get no signal and are replaced by the one stored group (twice)
     second = scored_rollout(policy, processor, second_batch, [0, 1, 1, 0] + [0] * 8, seed=2)
-    kept = copy.deepcopy(group_record(second, 0))
+    kept = copy.deepcopy(take_group(second, 0))
     buffer.on_rollout_scored(trainer, module, second)
     assert second.num_rows == 3 * G
     assert second.replayed.tolist() == [False] * G + [True] * 2 * G
     assert logged[2] == {"train/replay/replaced_groups": 2.0, "train/replay/ineligible_groups": 2.0}
     for g, expected in ((0, kept), (1, stored), (2, stored)):
-        got = group_record(second, g)
+        got = take_group(second, g)
         for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
-            assert torch.equal(got["prompt"][key], expected["prompt"][key]), (g, key)
-        assert got["prompt"]["columns"] == expected["prompt"]["columns"]
-        assert got["prompt"]["index"] == expected["prompt"]["index"]
-        assert got["completions"] == expected["completions"]
+            assert torch.equal(getattr(got.prompt, key), getattr(expected.prompt, key)), (g, key)
+        assert got.prompt.columns == expected.prompt.columns
+        assert got.prompt.index == expected.prompt.index
+        assert got.completions == expected.completions
         for key in ("completion_ids", "completion_mask", "old_logps", "advantages", "rewards", "truncated"):
-            assert torch.equal(got["rows"][key], expected["rows"][key]), (g, key)
+            assert torch.equal(got.rows[key], expected.rows[key]), (g, key)
     # the assembled batch is consistent: the policy's log-probs of each row under its own prompt and image
     # are the stored sampling log-probs (a wrong image or shifted padding would change them)
     rows = list(range(3 * G))
@@ -184,17 +188,17 @@ def test_validation_and_extra_rollouts_never_replay(policy, processor, two_batch
     buffer.on_rollout_scored(trainer, module, scored_rollout(policy, processor, first_batch, [1, 0, 0, 0] * 3, seed=1))
     assert len(buffer) == 3
     other = scored_rollout(policy, processor, second_batch, [0] * 12, seed=2, stage=stage)
-    other.tag = tag
+    other.requested_by = tag
     before = other.completion_ids.clone()
     buffer.on_rollout_scored(trainer, module, other)
     assert torch.equal(other.completion_ids, before) and not other.replayed.any() and len(buffer) == 3
 
 
 def test_dynamic_sampling_must_come_first(policy, processor):
-    buffer = ReplayBuffer()
-    trainer = fake_trainer(buffer, DynamicSampling())
+    specs = [get_reward_spec("accuracy")]
+    check_callbacks([DynamicSampling(), ReplayBuffer()], specs, [1.0])  # the right order
     with pytest.raises(ValueError, match=r"trainer\.callbacks: list DynamicSampling before ReplayBuffer"):
-        buffer.on_fit_start(trainer, fake_module(policy, processor, []))
+        check_callbacks([ReplayBuffer(), DynamicSampling()], specs, [1.0])
 
 
 # --- checkpoint state ----------------------------------------------------------------------------------
@@ -220,15 +224,17 @@ def test_state_survives_a_weights_only_checkpoint(policy, processor, prompt_batc
     restored.on_train_start(fake_trainer(restored), module)
     assert restored.scores == buffer.scores and restored._counter == buffer._counter
     for (_, _, a), (_, _, b) in zip(buffer._heap, restored._heap):
-        assert torch.equal(a["prompt"]["pixel_values"], b["prompt"]["pixel_values"])
-        assert a["completions"] == b["completions"]
+        assert torch.equal(a.prompt.pixel_values, b.prompt.pixel_values)
+        assert a.completions == b.completions
     scores = torch.tensor(buffer.scores)
     assert sample_proportional(scores, 5, buffer._generator) == sample_proportional(scores, 5, restored._generator)
 
 
-def test_a_checkpoint_of_another_world_size_is_shared_out_by_score(policy, processor):
+def test_a_checkpoint_of_another_world_size_is_shared_out_by_score(policy, processor, prompt_batch):
+    record = take_group(scored_rollout(policy, processor, prompt_batch, [1, 0, 0, 0] * 3, seed=1), 0).state()
+
     def group(score, order):
-        return {"score": score, "order": order, "record": {"rows": {}, "tag": order}}
+        return {"score": score, "order": order, "record": record}
 
     state = {"replay_buffer_size": 3, "reward_names": ["r"], "num_generations": G, "contents_saved": True,
              "per_rank": [{"groups": [group(1.0, 0), group(5.0, 1)], "counter": 2, "generator": None},

@@ -90,8 +90,8 @@ def test_replay_buffer_and_warmup_state_are_restored(straight_and_resumed):
     assert len(buffer_a) == len(buffer_b) > 0
     assert buffer_a.scores == pytest.approx(buffer_b.scores, abs=1e-6)
     for (_, _, ra), (_, _, rb) in zip(buffer_a._heap, buffer_b._heap):
-        assert torch.equal(ra["prompt"]["input_ids"], rb["prompt"]["input_ids"])
-        assert torch.equal(ra["rows"]["completion_ids"], rb["rows"]["completion_ids"])
+        assert torch.equal(ra.prompt.input_ids, rb.prompt.input_ids)
+        assert torch.equal(ra.rows["completion_ids"], rb.rows["completion_ids"])
     assert torch.equal(buffer_a._generator.get_state(), buffer_b._generator.get_state())
 
 

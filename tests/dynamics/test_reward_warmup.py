@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 from dyn_helpers import fit, make_data, make_module, scalars
-from lightning.pytorch import Callback
 
 from dapo_lightning.callbacks import RewardWeightWarmup
 from dapo_lightning.callbacks.reward_warmup import early_phase_end
 from dapo_lightning.config import OptimConfig
+from dapo_lightning.hooks import RolloutCallback
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_bad_arguments_name_the_key(kwargs, key):
         RewardWeightWarmup(**kwargs)
 
 
-class WeightsSeen(Callback):
+class WeightsSeen(RolloutCallback):
     """The weights each rollout was scored with (after every on_rollout_generated hook ran)."""
 
     def __init__(self):

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import pytest
 from dyn_helpers import RolloutLog, fit, make_data, make_module, scalars
-from lightning.pytorch import Callback
 
 from dapo_lightning.callbacks import DynamicSampling, ReplayBuffer
+from dapo_lightning.hooks import RolloutCallback
+from dapo_lightning.metrics import row_accuracy
 
 
-class FreshRollout(Callback):
+class FreshRollout(RolloutCallback):
     """Listed first: sees each step's rollout as scored, before the buffer and dynamic sampling change it."""
 
     def __init__(self):
         self.steps = []
 
     def on_rollout_scored(self, trainer, module, rollout):
-        if rollout.stage == "train" and rollout.tag is None:
+        if rollout.stage == "train" and not rollout.is_extra:
             self.steps.append({"reward_mean": float(rollout.rewards.mean()),
-                               "accuracy": float(module.rollout_accuracy(rollout).mean())})
+                               "accuracy": float(row_accuracy(rollout).mean())})
 
 
 def test_sampled_metrics_are_the_fresh_rollouts_and_the_train_metrics_the_trained_batch(

@@ -15,6 +15,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from dapo_lightning.storage import AtomicCheckpointIO
+from dapo_lightning.hooks import RolloutCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -129,7 +130,7 @@ def assert_same_parameters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
 # --- fault injectors (used inside the killed runs) ---------------------------------------------------------
 
 
-class BlockMidStep(Callback):
+class BlockMidStep(RolloutCallback):
     """At training step ``step`` (0-based global step), after the rollout is scored: touch ``marker``, then block."""
 
     def __init__(self, step: int, marker: str):
@@ -164,14 +165,14 @@ class HalfWriteCheckpointIO(AtomicCheckpointIO):
         time.sleep(600)
 
 
-class SignalAt(Callback):
+class SignalAt(RolloutCallback):
     """Sends ``signum`` to this process during training step ``step`` (``times`` times), as a scheduler would."""
 
     def __init__(self, step: int, signum: int = signal.SIGTERM, times: int = 1):
         self.step, self.signum, self.times = step, signum, times
 
     def on_rollout_scored(self, trainer, module, rollout):
-        if rollout.stage == "train" and rollout.tag is None and trainer.global_step == self.step:
+        if rollout.stage == "train" and not rollout.is_extra and trainer.global_step == self.step:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
 

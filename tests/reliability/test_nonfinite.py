@@ -31,9 +31,10 @@ from rel_helpers import (
 from dapo_lightning.guards import Fault, gradient_fault, nonfinite_rows, row_fault
 from dapo_lightning.models import load_policy
 from dapo_lightning.module import NonFiniteStepError
+from dapo_lightning.hooks import RolloutCallback
 
 
-class PoisonRollout(Callback):
+class PoisonRollout(RolloutCallback):
     """Writes a NaN or inf into one tensor of each training rollout after scoring (before the loss)."""
 
     def __init__(self, target: str):
@@ -73,16 +74,16 @@ def nan_logps(module):
 
 def inf_loss(monkeypatch):
     """Finite log-probs, but the loss overflows (as a ratio exp(logp - old_logp) can): only the loss check sees it."""
-    import dapo_lightning.module as module_file
+    import dapo_lightning.update as update_file
 
-    original = module_file.dapo_policy_loss
+    original = update_file.dapo_policy_loss
 
     def patched(*args, **kwargs):
         out = original(*args, **kwargs)
         out.loss = out.loss * math.inf
         return out
 
-    monkeypatch.setattr(module_file, "dapo_policy_loss", patched)
+    monkeypatch.setattr(update_file, "dapo_policy_loss", patched)
 
 
 CASES = {

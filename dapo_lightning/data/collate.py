@@ -1,0 +1,225 @@
+"""``PromptCollator``: dataset rows -> one ``PromptBatch`` of encoded ChatML prompts (SPEC section 1).
+
+Each row goes through three steps: prepare (``rows.check_text``, no tokenizer special
+tokens in the problem, ``rows.decode_image``, the chat template), encode (the processor,
+on the whole batch at once) and the length check (``data.max_prompt_length``). A row that
+fails a step is an error (``data.on_bad_row=error``) or is dropped; in training the next
+usable row of the dataset takes its place, so every process keeps full batches and DDP's
+processes stay in step. :class:`_Refill` holds that drop-and-refill bookkeeping for one
+batch; the rows left after a drop are encoded again with their replacements.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, NamedTuple
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dapo_lightning.batch import PromptBatch
+from dapo_lightning.data import rows as mcq
+from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages, special_token_strings, special_tokens_in
+
+
+class _Prepared(NamedTuple):
+    """One row ready for the processor."""
+
+    text: str  # the rendered chat template
+    image: Image.Image  # RGB, fits max_image_side
+    row: dict[str, Any]  # the dataset row ("_index" included), its solution upper-cased and stripped
+
+
+class _Refill:
+    """The drop-and-refill bookkeeping of one batch.
+
+    ``pending``: rows still to prepare, first in first out; a replacement joins at the end.
+    ``taken``: dataset indices this batch already holds (kept, dropped or pending), never
+    chosen as replacements. ``known_bad``: the collator's unusable indices, shared by all its
+    batches, so a row found bad once is not tried again as a replacement. ``skipped``: rows
+    this batch dropped. Without ``refill_from`` (validation) a dropped row is not replaced,
+    so each held-out row is scored at most once.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], *, on_bad_row: str, refill_from: Dataset | None,
+                 known_bad: set[int]):
+        self.pending: deque[dict[str, Any]] = deque(rows)
+        self.taken = {row["_index"] for row in rows}
+        self.skipped = 0
+        self.on_bad_row = on_bad_row
+        self.refill_from = refill_from
+        self.known_bad = known_bad
+
+    def drop(self, index: int, error: mcq.BadRow) -> None:
+        """``on_bad_row=error``: raise ``error``. ``skip``: count row ``index``, mark it bad, queue its replacement."""
+        if self.on_bad_row == "error":
+            raise error
+        self.skipped += 1
+        self.known_bad.add(index)
+        replacement = self._replacement(after=index)
+        if replacement is not None:
+            self.taken.add(replacement["_index"])
+            self.pending.append(replacement)
+
+    def drop_rows(self, prepared: list[_Prepared], errors: dict[int, mcq.BadRow]) -> list[_Prepared]:
+        """Drop the rows at the positions of ``errors`` (in position order); returns the others, in order."""
+        for position, error in errors.items():
+            self.drop(prepared[position].row["_index"], error)
+        return [item for position, item in enumerate(prepared) if position not in errors]
+
+    def _replacement(self, after: int) -> dict[str, Any] | None:
+        """The first row after ``after`` (cyclically) neither in this batch nor known bad, or None."""
+        if self.refill_from is None:
+            return None
+        n = len(self.refill_from)
+        for step in range(1, n + 1):
+            index = (after + step) % n
+            if index not in self.taken and index not in self.known_bad:
+                return self.refill_from[index]
+        return None
+
+
+class PromptCollator:
+    """Turns dataset rows into a ``PromptBatch`` with the processor.
+
+    A row is unusable when its text fails ``mcq.check_text``, its problem holds one of the
+    tokenizer's special tokens (``prompts.special_tokens_in``), its image cannot be decoded
+    (``mcq.decode_image``), the processor cannot encode it (tried alone when a batch fails,
+    e.g. an image with an aspect ratio above 200), or its prompt is too long.
+    With ``on_bad_row="error"`` an unusable row raises ``BadRow`` naming the file and row.
+    With ``"skip"`` it is dropped and counted; when ``refill_from`` is given (training),
+    the next usable row of that dataset takes its place, so every process keeps full
+    batches (and DDP's processes stay in step); validation drops without refilling, so
+    each held-out row is scored at most once.
+    """
+
+    def __init__(
+        self,
+        processor,
+        *,
+        source: str,
+        system_prompt: str | None,
+        max_image_side: int | None,
+        max_prompt_length: int | None,
+        on_bad_row: str,
+        refill_from: Dataset | None = None,
+    ):
+        self.processor = processor
+        self.source = source
+        self.system_prompt = system_prompt
+        self.max_image_side = max_image_side
+        self.max_prompt_length = max_prompt_length
+        self.on_bad_row = on_bad_row
+        self.refill_from = refill_from
+        self._bad: set[int] = set()  # rows known to be unusable (not retried as replacements)
+        self._special = special_token_strings(getattr(processor, "tokenizer", None))
+
+    def __call__(self, rows: list[dict[str, Any]]) -> PromptBatch:
+        refill = _Refill(rows, on_bad_row=self.on_bad_row, refill_from=self.refill_from, known_bad=self._bad)
+        kept: list[_Prepared] = []
+        encoded = None
+        # Each round without an encoding dropped at least one row, and a replacement is never a row the batch
+        # already took: the rounds end, at the latest when the dataset runs out of rows.
+        while encoded is None:
+            kept = kept + self._prepare_pending(refill)
+            if not kept:
+                if self.refill_from is not None:
+                    raise mcq.BadRow(self.source, rows[0]["_index"], "no usable row is left to fill a batch")
+                return PromptBatch.empty().with_skipped(refill.skipped)
+            kept, encoded = self._encode(kept, refill)
+        return self._batch(kept, encoded).with_skipped(refill.skipped)
+
+    def _prepare_pending(self, refill: _Refill) -> list[_Prepared]:
+        """Prepare ``refill``'s queued rows in order, dropping each unusable one (its replacement joins the queue)."""
+        prepared = []
+        while refill.pending:
+            row = refill.pending.popleft()
+            try:
+                prepared.append(self._prepare(row))
+            except mcq.BadRow as error:
+                refill.drop(row["_index"], error)
+        return prepared
+
+    def _prepare(self, row: dict[str, Any]) -> _Prepared:
+        index = row["_index"]
+        solution = mcq.check_text(row.get("problem"), row.get("solution"), source=self.source, row=index,
+                                  require_options=True)
+        found = special_tokens_in(row["problem"], self._special)
+        if found:
+            raise mcq.BadRow(self.source, index, f"problem contains the special token(s) {', '.join(map(repr, found))}, "
+                             "which the tokenizer would read as control tokens, not text", mcq.CONTROL_TOKEN)
+        image = mcq.decode_image(row.get("image"), source=self.source, row=index, max_side=self.max_image_side)
+        text = self.processor.apply_chat_template(
+            build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
+        )
+        return _Prepared(text, image, {**row, "solution": solution})
+
+    def _encode(self, prepared: list[_Prepared], refill: _Refill) -> tuple[list[_Prepared], Any]:
+        """Encode ``prepared`` as one batch.
+
+        Returns ``(prepared, encoding)`` when the processor takes every row and each prompt
+        fits ``max_prompt_length``; otherwise drops the rows it rejects (or the too-long ones)
+        through ``refill`` and returns ``(the rows left, None)``, to be encoded again.
+        """
+        try:
+            encoded = self.processor(text=[item.text for item in prepared], images=[item.image for item in prepared],
+                                     padding=True, return_tensors="pt")
+        except Exception:
+            # e.g. an image of aspect ratio > 200: find the rows the processor rejects, one by one
+            rejected = self._unencodable(prepared)
+            if not rejected:
+                raise
+            return refill.drop_rows(prepared, rejected), None
+        too_long = self._too_long(prepared, encoded)
+        if too_long:
+            return refill.drop_rows(prepared, too_long), None
+        return prepared, encoded
+
+    def _unencodable(self, prepared: list[_Prepared]) -> dict[int, mcq.BadRow]:
+        """{position: error} of the rows the processor fails on alone."""
+        rejected = {}
+        for position, item in enumerate(prepared):
+            try:
+                self.processor(text=[item.text], images=[item.image], padding=True, return_tensors="pt")
+            except Exception as error:
+                reason = f"the processor cannot encode it ({type(error).__name__}: {error})"
+                rejected[position] = mcq.BadRow(self.source, item.row["_index"], reason, mcq.UNENCODABLE)
+        return rejected
+
+    def _too_long(self, prepared: list[_Prepared], encoded) -> dict[int, mcq.BadRow]:
+        """{position: error} of the prompts longer than ``max_prompt_length`` tokens."""
+        lengths = encoded["attention_mask"].sum(-1).tolist()  # [B] prompt tokens, padding excluded
+        limit = self.max_prompt_length
+        return {
+            position: mcq.BadRow(self.source, item.row["_index"],
+                                 f"prompt has {n} tokens, more than data.max_prompt_length={limit}")
+            for position, (item, n) in enumerate(zip(prepared, lengths))
+            if limit is not None and n > limit
+        }
+
+    def _batch(self, kept: list[_Prepared], encoded) -> PromptBatch:
+        rows = [item.row for item in kept]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("image", "_index")}
+        return PromptBatch(
+            input_ids=encoded["input_ids"],  # [B, P] left-padded
+            attention_mask=encoded["attention_mask"],  # [B, P]
+            pixel_values=encoded["pixel_values"],  # [patches of the B images, D]
+            image_grid_thw=encoded["image_grid_thw"],  # [B, 3] one image per prompt
+            image_counts=[1] * len(kept),
+            mm_token_type_ids=encoded.get("mm_token_type_ids"),  # [B, P] or None
+            prompts=[item.text for item in kept],
+            columns=columns,
+            index=[r["_index"] for r in rows],
+        )
+
+
+def example_prompt_batch(processor, rows: list[dict[str, Any]], system_prompt: str | None = SYSTEM_PROMPT) -> PromptBatch:
+    """Encode in-memory DDM rows (``image`` PIL or bytes dict) into a ``PromptBatch`` (for probes and tests)."""
+    collate = PromptCollator(
+        processor, source="<memory>", system_prompt=system_prompt, max_image_side=None, max_prompt_length=None,
+        on_bad_row="error",
+    )
+    return collate([{**row, "_index": i} for i, row in enumerate(rows)])
+
+
+__all__ = ["PromptCollator", "example_prompt_batch"]

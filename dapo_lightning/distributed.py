@@ -1,0 +1,91 @@
+"""The collectives of a step, in one place: used by the module, the update and the callbacks.
+
+Every function is a no-op (or returns its input) without an initialised process group of
+more than one process, so the same code runs on one CPU and under DDP. Each is a
+collective under DDP: every process must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def global_sum(value: Tensor) -> Tensor:
+    """The sum of ``value`` over processes (a detached copy)."""
+    value = value.detach().clone()
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def global_max(value: Tensor) -> Tensor:
+    """The element-wise maximum of ``value`` over processes (a detached copy)."""
+    value = value.detach().clone()
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def any_process(flag: bool | Tensor, device: torch.device | str) -> bool:
+    """Whether ``flag`` is set on any process (one all-reduce, one host sync)."""
+    value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(())
+    return bool(global_max(value) > 0)
+
+
+def gather(value: Tensor) -> Tensor:
+    """Every process's ``value`` stacked in rank order: [W, *value.shape] (all processes get it)."""
+    if not is_distributed():
+        return value.detach().unsqueeze(0)
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, value.detach().contiguous())
+    return torch.stack(parts)
+
+
+def global_std(values: Tensor) -> Tensor:
+    """The unbiased std of every process's ``values`` [N] together (equal N on every process)."""
+    if not is_distributed():
+        return values.std()
+    return gather(values).reshape(-1).std()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Process ``src``'s ``obj`` on every process (a picklable value)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def gather_per_rank(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (index = rank), None elsewhere; ``[obj]`` without a process group.
+
+    Lightning builds a checkpoint on every rank and writes rank 0's: state that differs between
+    processes (each rank's replay buffer, its generators) is gathered here when saved.
+    """
+    if not is_distributed():
+        return [obj]
+    rank, world = rank_and_world()
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def rank_share(per_rank: list[Any], rank: int, world_size: int) -> list[Any]:
+    """The saved ranks' states this rank takes over: its own when the world size is unchanged,
+    else saved ranks ``rank, rank + world_size, ...`` (every saved state goes to exactly one rank)."""
+    return [per_rank[i] for i in range(rank, len(per_rank), world_size)]

@@ -1,0 +1,177 @@
+"""One training step's update: ``num_iterations`` optimizer steps of the DAPO loss over a rollout (SPEC 5).
+
+The rollout's N rows are split into micro-batches of ``micro_batch_size`` completions; each
+runs a forward (the policy's log-probs) and a backward, and the optimizer steps once per
+iteration. Nothing in the micro-batch loop waits for the device: the loss, its metrics and
+the non-finite checks stay tensors until the iteration ends, where one all-reduce and one
+host synchronisation decide whether the step is skipped (:class:`UpdateResult` keeps the
+rest on the device for the step's single metric reduction, ``metrics.py``).
+
+Non-finite values (``guards.py``) skip the step: no optimizer step, gradients dropped, and
+no scheduler step either, so the learning-rate schedule follows the optimizer steps
+actually taken (Lightning's ``global_step`` counts those too, so a skipped step does not
+count towards ``max_steps``). The decision is all-reduced, so every process skips together
+(DDP would otherwise diverge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from dapo_lightning import distributed, guards
+from dapo_lightning.batch import RolloutBatch
+from dapo_lightning.logprobs import LogProbs
+from dapo_lightning.loss import PolicyLossSettings, dapo_policy_loss, micro_batch_scale
+
+PER_STEP = ("loss", "grad_norm")  # metrics that are not per-token means
+
+
+class TrainingHost(Protocol):
+    """What the update needs of the LightningModule."""
+
+    device: torch.device
+
+    def completion_logps(self, rollout: RolloutBatch, rows: list[int], *, with_entropy: bool = False,
+                         width: int | None = None) -> LogProbs: ...
+
+    def manual_backward(self, loss: Tensor) -> None: ...
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+
+    def step_optimizer(self) -> Tensor:
+        """Clip, step the optimizer and the scheduler, drop the gradients; the norm before clipping (NaN if unknown)."""
+        ...
+
+    def discard_gradients(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    loss: PolicyLossSettings
+    num_iterations: int = 1  # optimizer steps per rollout (mu)
+    micro_batch_size: int | None = None  # completions per forward/backward (None: all N at once)
+
+
+@dataclass
+class UpdateResult:
+    """What one step's update did. Tensors stay on the device until the step's metrics are reduced."""
+
+    skipped: bool  # no optimizer step was taken (or not all of them): a non-finite value was found
+    faults: list[guards.Fault] = field(default_factory=list)  # what was found, with its rows or parameters
+    loss: Tensor | None = None  # the first iteration's loss (micro-batch losses, scaled and summed)
+    sums: dict[str, Tensor] = field(default_factory=dict)  # token-weighted sums of the loss's metrics, "entropy"
+    tokens: Tensor | None = None  # the valid completion tokens those sums are over
+    grad_norm: Tensor | None = None  # the first optimizer step's gradient norm before clipping
+
+    def metrics(self) -> dict[str, Tensor]:
+        """``loss``, ``grad_norm`` and the per-token means (clip ratios, ratio, entropy, kl) that were computed."""
+        out = {} if self.loss is None else {"loss": self.loss}
+        out.update({key: value / self.tokens.clamp(min=1.0) for key, value in self.sums.items()})
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        return out
+
+
+def row_chunks(num_rows: int, micro_batch_size: int | None) -> list[list[int]]:
+    """The rows of each micro-batch, in order."""
+    size = micro_batch_size or num_rows
+    return [list(range(i, min(i + size, num_rows))) for i in range(0, num_rows, size)]
+
+
+def micro_batches_on_busiest_process(count: int, device: torch.device) -> int:
+    """The most micro-batches any process has this step (rows skipped by the data module make them differ)."""
+    return int(distributed.global_max(torch.tensor(float(count), device=device)))
+
+
+def update_policy(rollout: RolloutBatch, host: TrainingHost, settings: UpdateSettings) -> UpdateResult:
+    """Run the step's optimizer steps on ``rollout``; see the module docstring."""
+    chunks = row_chunks(rollout.num_rows, settings.micro_batch_size)
+    lengths = rollout.completion_lengths.tolist()  # one sync: every micro-batch's width, [N]
+    widths = [max(max(lengths[r] for r in rows), 1) for rows in chunks]
+    # DDP all-reduces every backward, so every process must make the same number of them even when its rollout has
+    # fewer rows (skipped bad rows): the missing micro-batches back-propagate a zero loss.
+    padding = micro_batches_on_busiest_process(len(chunks), host.device) - len(chunks)
+    scale = micro_batch_scale(settings.loss.loss_type, len(chunks))
+    # SPEC 5: dapo divides by the step's valid tokens over all micro-batches and processes, per process.
+    normalizer = distributed.global_sum(rollout.completion_mask.sum().float()) / distributed.rank_and_world()[1]
+    faults = [*rollout.faults, *guards.rollout_faults(rollout)]
+    result = UpdateResult(skipped=distributed.any_process(bool(faults), host.device), faults=faults)
+    for iteration in range(0 if result.skipped else settings.num_iterations):
+        checks = []  # per micro-batch: (rows, non-finite log-prob rows [n], finite loss [])
+        for rows, width in zip(chunks, widths):
+            out, logps = _micro_batch(rollout, rows, width, host, settings.loss, normalizer, iteration == 0)
+            checks.append((rows, guards.nonfinite_row_mask(logps.logps.detach(), logps.mask),
+                           torch.isfinite(out.loss.detach())))
+            host.manual_backward(out.loss * scale)
+            if iteration == 0:
+                _accumulate(result, out, logps, scale)
+        for _ in range(padding):
+            host.manual_backward(_zero_loss(host))
+        if _skip(result, checks, host, rollout):
+            host.discard_gradients()
+            result.skipped = True
+            break
+        grad_norm = host.step_optimizer()
+        if result.grad_norm is None:
+            result.grad_norm = grad_norm
+    return result
+
+
+def _micro_batch(rollout, rows, width, host, loss_settings, normalizer, first_iteration):
+    logps = host.completion_logps(rollout, rows, with_entropy=first_iteration, width=width)
+    width = logps.logps.shape[1]
+    index = torch.tensor(rows, device=rollout.completion_ids.device)
+    old = rollout.old_logps[index, :width] if rollout.old_logps is not None else logps.logps.detach()  # [n, T']
+    advantages = rollout.advantages[index]  # [n]
+    if rollout.token_weights is not None:
+        advantages = advantages.unsqueeze(-1) * rollout.token_weights[index, :width]  # [n, T']
+    ref = None if rollout.ref_logps is None else rollout.ref_logps[index, :width]  # [n, T']
+    out = dapo_policy_loss(logps.logps, old, advantages, logps.mask, loss_settings, normalizer=normalizer, ref_logps=ref)
+    return out, logps
+
+
+def _accumulate(result: UpdateResult, out, logps: LogProbs, scale: float) -> None:
+    """Add a micro-batch's loss and token-weighted metrics to the result (on the device)."""
+    n = out.num_tokens
+    result.tokens = n if result.tokens is None else result.tokens + n
+    loss = out.loss.detach() * scale
+    result.loss = loss if result.loss is None else result.loss + loss
+    weighted = {key: value * n for key, value in out.metrics.items()}
+    weighted["entropy"] = (logps.entropy * logps.mask).sum()
+    for key, value in weighted.items():
+        result.sums[key] = result.sums[key] + value if key in result.sums else value
+
+
+def _zero_loss(host: TrainingHost) -> Tensor:
+    """A loss whose backward adds exactly zero to every trainable parameter's gradient."""
+    return sum((p * 0).sum() for _, p in host.trainable_parameters())
+
+
+def _skip(result: UpdateResult, checks, host: TrainingHost, rollout: RolloutBatch) -> bool:
+    """Whether any process found a non-finite log-prob, loss or gradient; the faults found here go in ``result``.
+
+    One all-reduce of two flags and one host sync. A non-finite log-prob or loss is reported as such
+    (the gradients it produced are not reported again); otherwise the gradients are checked.
+    """
+    names, norms = guards.gradient_norms(host.trainable_parameters())
+    chunk_flags = torch.stack([bad.any() | ~finite for _, bad, finite in checks]).any() if checks else \
+        torch.zeros((), dtype=torch.bool, device=host.device)
+    gradient_flag = (~torch.isfinite(norms)).any() if norms.numel() else torch.zeros_like(chunk_flags)
+    local = torch.stack([chunk_flags, gradient_flag]).float().to(host.device)  # [2]
+    in_chunks, in_gradients = (distributed.global_max(local) > 0).tolist()
+    if in_chunks:
+        for rows, bad, finite in checks:
+            found = [guards.Fault("logps", tuple(rows[i] for i in bad.nonzero().flatten().tolist()))] if bad.any() else []
+            if not bool(finite):
+                found.append(guards.Fault("loss", tuple(rows)))
+            result.faults += [f.located(rollout.prompts.index, rollout.num_generations) for f in found]
+        return True
+    if in_gradients:
+        fault = guards.gradient_fault_of(names, norms)
+        result.faults += [fault] if fault is not None else []
+        return True
+    return False
