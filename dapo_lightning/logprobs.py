@@ -52,14 +52,7 @@ def completion_logps(model, inputs: dict[str, Tensor], *, temperature: float = 1
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     output = model(**inputs, use_cache=False, logits_to_keep=T + 1)
     logits = output.logits[:, :-1, :]  # [n, T', V] position t predicts completion token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    logps = selective_log_softmax(logits, completion_ids)  # [n, T']
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())  # [n, T']
-    return LogProbs(logps=logps, mask=mask, entropy=entropy)
+    return _from_logits(logits, completion_ids, mask, temperature, with_entropy)
 
 
 def completion_logps_shared(
@@ -104,11 +97,16 @@ def completion_logps_shared(
             use_cache=True,
         ).logits  # [n, T' - 1, V] position t predicts completion token t + 1
         logits = torch.cat([logits, rest], dim=1)  # [n, T', V]
+    return _from_logits(logits, completion_ids, completion_mask, temperature, with_entropy)
+
+
+def _from_logits(logits: Tensor, ids: Tensor, mask: Tensor, temperature: float, with_entropy: bool) -> LogProbs:
+    """[n, T', V] logits (position t predicts token t of ``ids`` [n, T']) -> the tokens' log-probs, at ``temperature``."""
     if temperature != 1.0:
         logits = logits / temperature
-    logps = selective_log_softmax(logits, completion_ids)  # [n, T']
+    logps = selective_log_softmax(logits, ids)  # [n, T']
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())
-    return LogProbs(logps=logps, mask=completion_mask, entropy=entropy)
+            entropy = entropy_from_logits(logits.detach())  # [n, T']
+    return LogProbs(logps=logps, mask=mask, entropy=entropy)

@@ -105,10 +105,6 @@ class DAPOModule(LightningModule):
         return self.actor.tokenizer
 
     @property
-    def processor(self):
-        return self.actor.processor
-
-    @property
     def pad_token_id(self) -> int:
         return self.actor.token_ids.pad
 
@@ -182,7 +178,8 @@ class DAPOModule(LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
-        rollout = self.make_rollout(batch, stage="train")  # generate, record, annotate, score (hooks inside)
+        rollout = self.generate_rollout(batch, stage="train")  # G completions per prompt, recorded and annotated
+        self.score_rollout(rollout)  # rewards -> group advantages; then callbacks may move groups, weigh tokens
         result = self.update(rollout)  # num_iterations optimizer steps on the DAPO loss (skipped on NaN/inf)
         rollout.timings["step"] = time.perf_counter() - start
         for callback in rollout_callbacks(self.trainer):
@@ -208,6 +205,12 @@ class DAPOModule(LightningModule):
         ``requested_by`` names the callback that asks for a rollout besides the step's own
         (``rollout.is_extra``): callbacks that act once per step skip such rollouts.
         """
+        rollout = self.generate_rollout(batch, stage, requested_by)
+        self.score_rollout(rollout)
+        return rollout
+
+    def generate_rollout(self, batch: PromptBatch, stage: str, requested_by: str | None = None) -> RolloutBatch:
+        """Completions, the teacher-forced pass when needed, then ``on_rollout_generated`` (annotations, weights)."""
         callbacks = rollout_callbacks(self.trainer)
         start = time.perf_counter()
         rollout = self.sample(batch, stage, requested_by)
@@ -220,29 +223,29 @@ class DAPOModule(LightningModule):
         rollout.timings["teacher_forced"] = time.perf_counter() - start
         for callback in callbacks:
             callback.on_rollout_generated(self.trainer, self, rollout)
+        return rollout
+
+    def score_rollout(self, rollout: RolloutBatch) -> None:
+        """Rewards and group advantages (``scoring.score``), then ``on_rollout_scored`` (groups moved, token weights)."""
         start = time.perf_counter()
         extra = {"max_completion_length": self.rollout_cfg.max_completion_length,
                  "soft_punish_cache": self.reward_cfg.soft_punish_cache}
+        train = rollout.stage == "train"
         score(rollout, self.reward_specs, scale_rewards=self.reward_cfg.scale_rewards, extra_kwargs=extra,
-              batch_std=distributed.global_std if stage == "train" else None,  # uneven validation shards: no collective
+              batch_std=distributed.global_std if train else None,  # uneven validation shards: no collective
               on_reward_error=self.reward_cfg.on_reward_error)
         rollout.timings["score"] = time.perf_counter() - start
-        if stage == "train" and not rollout.is_extra:  # the fresh rows, before callbacks move groups
+        if train and not rollout.is_extra:  # the fresh rows, before callbacks move groups
             rollout.sampled_rewards, rollout.sampled_accuracy = rollout.rewards.clone(), metrics.row_accuracy(rollout)
-        for callback in callbacks:
+        for callback in rollout_callbacks(self.trainer):
             callback.on_rollout_scored(self.trainer, self, rollout)
-        return rollout
 
     def teacher_forced_pass(self, rollout: RolloutBatch, needs_old_logps: bool = False) -> None:
-        """One no-grad forward over prompt + completion, when anything needs it (``Actor.teacher_forced``).
-
-        It yields the sampling policy's log-probs (needed for num_iterations > 1 and by callbacks
-        that keep rollouts, like the replay buffer), the reference log-probs (beta > 0), and
-        carries the callbacks' teacher-forced recorders (attention statistics).
-        """
+        """The no-grad forward over prompt + completion (``Actor.teacher_forced``) when anything needs it: the old
+        log-probs (num_iterations > 1, a callback that keeps rollouts), the reference's (beta > 0), a recorder."""
         train = rollout.stage == "train"
-        recorders = [r for c in rollout_callbacks(self.trainer) if (r := c.teacher_forced_recorder(self.trainer, self,
-                                                                                                    rollout))]
+        callbacks = rollout_callbacks(self.trainer)
+        recorders = [r for c in callbacks if (r := c.teacher_forced_recorder(self.trainer, self, rollout))]
         old = train and (self.optim_cfg.num_iterations > 1 or needs_old_logps)
         reference = train and self.loss_cfg.beta > 0
         if recorders or old or reference:
