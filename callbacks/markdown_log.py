@@ -26,8 +26,11 @@ replaces it. The folder is probe-written at set-up, and a failing write names th
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from dapo_lightning.callbacks.markdown_render import (
     RenderSettings,
@@ -39,11 +42,24 @@ from dapo_lightning.callbacks.markdown_render import (
     usable_segment_values,
 )
 from dapo_lightning.hooks import RolloutCallback
-from dapo_lightning.metrics import rate_columns
+from dapo_lightning.metrics import rate_columns, source_name
 from dapo_lightning.storage import probe_writable
 
 
 # --- the callback ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _EvalParts:
+    """What a validation epoch's rollouts leave for ``eval_results.md``: per rollout, or per row."""
+
+    names: list[str] = field(default_factory=list)  # the reward names
+    per_func: list[Tensor] = field(default_factory=list)  # per rollout [n, K]
+    totals: list[Tensor] = field(default_factory=list)  # per rollout [n]
+    rates: list[dict[str, Tensor]] = field(default_factory=list)  # per rollout: accuracy, format, success [n]
+    segments: list[dict] = field(default_factory=list)  # per rollout: usable VGR/AEI values per segment
+    samples: list[str] = field(default_factory=list)  # rendered sample blocks, at most eval_samples
+    sources: list[str] = field(default_factory=list)  # per row: the data's ``source`` (when it has that column)
 
 
 class MarkdownRolloutLog(RolloutCallback):
@@ -90,7 +106,7 @@ class MarkdownRolloutLog(RolloutCallback):
         self.train_rollouts = 0
         self.seconds = 0.0  # time spent rendering and writing
         self.folder: Path | None = None
-        self._eval: dict[str, Any] = {}
+        self._eval: _EvalParts | None = None  # the validation epoch's collected parts (rank zero)
         self._unwritten: tuple | None = None  # (rollout, step, metrics) of the latest step not written
 
     # --- paths -----------------------------------------------------------------------------------
@@ -158,36 +174,37 @@ class MarkdownRolloutLog(RolloutCallback):
     # --- validation ------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._eval = {"names": None, "per_func": [], "totals": [], "rates": [], "segments": [], "samples": []}
+        self._eval = _EvalParts()
 
     def on_rollout_scored(self, trainer, pl_module, rollout) -> None:
         own_validation = rollout.stage == "val" and not rollout.is_extra  # not a probe variant's rollout
-        if not own_validation or not self.log_eval or not trainer.is_global_zero or not self._eval:
+        if not own_validation or not self.log_eval or not trainer.is_global_zero or self._eval is None:
             return
         start = time.perf_counter()
-        self._eval["names"] = rollout.reward_names
-        self._eval["per_func"].append(rollout.rewards_per_func.detach().float().cpu())
-        self._eval["totals"].append(rollout.rewards.detach().float().cpu())
-        self._eval["rates"].append(rate_columns(rollout))
+        self._eval.names = list(rollout.reward_names)
+        self._eval.per_func.append(rollout.rewards_per_func.detach().float().cpu())
+        self._eval.totals.append(rollout.rewards.detach().float().cpu())
+        self._eval.rates.append(rate_columns(rollout))
+        self._eval.sources.extend(source_name(s) for s in rollout.row_columns().get("source", []))
         report = rollout.annotations.get("attention")
         if report is not None:
-            self._eval["segments"].append(usable_segment_values(report))
-        room = self.eval_samples - len(self._eval["samples"])
+            self._eval.segments.append(usable_segment_values(report))
+        room = self.eval_samples - len(self._eval.samples)
         for row in sample_indices(rollout.num_rows, room):
-            self._eval["samples"].append(sample_block(
-                rollout, row, len(self._eval["samples"]) + 1, tokenizer=pl_module.tokenizer,
+            self._eval.samples.append(sample_block(
+                rollout, row, len(self._eval.samples) + 1, tokenizer=pl_module.tokenizer,
                 prompt_chars=self.settings.prompt_chars, completion_chars=self.settings.completion_chars,
             ))
         self.seconds += time.perf_counter() - start
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        state, self._eval = self._eval, {}
-        if not state or not state["totals"] or not trainer.is_global_zero:
+        state, self._eval = self._eval, None
+        if state is None or not state.totals or not trainer.is_global_zero:
             return
         start = time.perf_counter()
         when = "before training (sanity check)" if trainer.sanity_checking else f"step {trainer.global_step}"
-        text = render_eval(when, state["names"], state["per_func"], state["totals"], state["rates"],
-                           state["segments"], state["samples"])
+        text = render_eval(when, state.names, state.per_func, state.totals, state.rates, state.segments,
+                           state.samples, state.sources)
         self._append(self.eval_path, "Evaluation", text)
         self.seconds += time.perf_counter() - start
 

@@ -255,11 +255,25 @@ def render_token_weights(rollout, step: int, tokenizer, settings: RenderSettings
     return "\n".join(parts) + "\n"
 
 
+def source_table(sources: list[str], accuracy: torch.Tensor) -> str:
+    """Markdown table of the accuracy of each source (the data's ``source`` column), in name order. ``accuracy`` [N]."""
+    lines = ["| source | accuracy | rows |", "|---|---|---|"]
+    for source in sorted(set(sources)):
+        rows = torch.tensor([s == source for s in sources])
+        lines.append(f"| {cell(source)} | {number(accuracy[rows].mean())} | {int(rows.sum())} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_eval(when: str, reward_names: list[str], per_func: list[torch.Tensor], totals: list[torch.Tensor],
-                rates: list[dict[str, torch.Tensor]], segments: list[dict], samples: list[str]) -> str:
-    """A validation epoch's section of ``eval_results.md`` from its rollouts' collected parts."""
+                rates: list[dict[str, torch.Tensor]], segments: list[dict], samples: list[str],
+                sources: list[str] | None = None) -> str:
+    """A validation epoch's section of ``eval_results.md`` from its rollouts' collected parts (``sources``: the
+    ``source`` of every row, when the data has that column)."""
     rate_values = {k: torch.cat([r[k] for r in rates]) for k in rates[0]}
     parts = [f"## Eval, {when}\n", overall_table(reward_names, torch.cat(per_func), torch.cat(totals), rate_values)]
+    if sources:
+        parts.append("### Accuracy per source\n")
+        parts.append(source_table(sources, rate_values["accuracy"]))
     if segments:
         merged = {seg: {m: torch.cat([s[seg][m] for s in segments]) for m in TABLE_METRICS} for seg in segments[0]}
         parts.append("### Attention (VGR / AEI)\n")

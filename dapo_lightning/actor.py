@@ -47,13 +47,21 @@ class Actor:
     # --- generation -----------------------------------------------------------------------------------
 
     def sampling(self, stage: str) -> SamplingSettings:
-        """Training samples G = num_generations; validation eval_num_generations (1 when greedy)."""
+        """Training samples G = num_generations with the training keys; validation (any other stage)
+        eval_num_generations (1 when greedy) with the ``eval_*`` keys, each unset one taking the training value."""
         cfg = self.rollout_cfg
-        greedy = stage != "train" and cfg.eval_greedy
+        train = stage == "train"
+
+        def pick(value, eval_value):
+            return value if train or eval_value is None else eval_value
+
+        greedy = not train and cfg.eval_greedy
         return SamplingSettings(
-            num_generations=cfg.num_generations if stage == "train" else (1 if greedy else cfg.eval_num_generations),
+            num_generations=cfg.num_generations if train else (1 if greedy else cfg.eval_num_generations),
             max_new_tokens=cfg.max_completion_length, min_new_tokens=cfg.min_completion_length,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=greedy,
+            temperature=pick(cfg.temperature, cfg.eval_temperature), top_p=pick(cfg.top_p, cfg.eval_top_p),
+            top_k=pick(cfg.top_k, cfg.eval_top_k), min_p=pick(cfg.min_p, cfg.eval_min_p),
+            repetition_penalty=pick(cfg.repetition_penalty, cfg.eval_repetition_penalty), greedy=greedy,
         )
 
     @property

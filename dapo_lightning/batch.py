@@ -37,6 +37,7 @@ class PromptBatch:
     columns: dict[str, list] = field(default_factory=dict)  # dataset columns per prompt ("solution", "problem", ...)
     index: list[int] = field(default_factory=list)  # [B] dataset row of each prompt
     num_skipped: int = 0  # unusable rows the collator dropped from this batch (data.on_bad_row=skip)
+    num_resized: int = 0  # rows of this batch whose image the collator shrank to fit data.max_prompt_length
 
     @classmethod
     def empty(cls) -> PromptBatch:

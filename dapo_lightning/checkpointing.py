@@ -160,13 +160,23 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changed_settings(saved: Any, current: Any) -> list[tuple[str, Any, Any]]:
-    """``(model.<key>, checkpoint's value, this configuration's value)`` for every setting that differs."""
+def changed_settings(saved: Any, current: Any, defaults: Any = None) -> list[tuple[str, Any, Any]]:
+    """``(model.<key>, checkpoint's value, this configuration's value)`` for every setting that differs.
+
+    A key the checkpoint lacks (a setting added since it was written) counts only when this
+    configuration sets it to something other than its default (``defaults``: the hyper-parameters
+    of a default configuration): the checkpoint was trained with that default.
+    """
     if not saved:
         return []
-    before, now = _flat(saved), _flat(current)
-    return [(f"model.{key}", before.get(key), now.get(key)) for key in sorted(before.keys() | now.keys())
-            if before.get(key) != now.get(key)]
+    before, now, default = _flat(saved), _flat(current), _flat(defaults or {})
+    changes = []
+    for key in sorted(before.keys() | now.keys()):
+        if key not in before and key in default and now.get(key) == default[key]:
+            continue
+        if before.get(key) != now.get(key):
+            changes.append((f"model.{key}", before.get(key), now.get(key)))
+    return changes
 
 
 def describe_changed_settings(changes: list[tuple[str, Any, Any]]) -> str | None:

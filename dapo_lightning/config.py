@@ -7,10 +7,10 @@ wrong YAML fails before any model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from dapo_lightning.advantages import SCALE_MODES
+from dapo_lightning.advantages import AGGREGATIONS, SCALE_MODES
 from dapo_lightning.loss import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
 
 
@@ -74,7 +74,12 @@ class PolicyConfig:
 
 @dataclass
 class RolloutConfig:
-    """How completions are sampled, in training and in validation."""
+    """How completions are sampled, in training and in validation.
+
+    Each sampling key acts as ``transformers``' ``generate`` argument of the same name, in its
+    order (repetition penalty, temperature, top-k, top-p, min-p); the loss's log-probs see only
+    ``temperature``. Validation takes the ``eval_*`` keys, each None by default: the training value.
+    """
 
     num_generations: int = 8
     """Completions per prompt (G); one group per prompt."""
@@ -88,12 +93,35 @@ class RolloutConfig:
     """Nucleus sampling mass."""
     top_k: int = 0
     """Sample among the k most likely tokens (0: all)."""
+    min_p: float = 0.0
+    """Min-p sampling: drop the tokens less likely than ``min_p`` times the most likely one, after temperature, top-k and top-p (0: off)."""
+    repetition_penalty: float = 1.0
+    """Divide the positive logits, and multiply the negative ones, of every token already in the prompt or the completion by this (CTRL's penalty; 1.0: off; below 1 favours repeats). Greedy validation applies it too. The loss's log-probs do not see it, so above 1 in training the samples are off-policy."""
     eval_num_generations: int = 4
     """Completions per prompt in validation."""
     eval_greedy: bool = False
-    """Validate with greedy decoding (then one completion per prompt is enough)."""
+    """Validate with greedy decoding (then one completion per prompt is enough); ``eval_temperature``, ``eval_top_p``, ``eval_top_k`` and ``eval_min_p`` must then be unset."""
+    eval_temperature: float | None = None
+    """Validation's sampling temperature (None: ``temperature``)."""
+    eval_top_p: float | None = None
+    """Validation's nucleus sampling mass (None: ``top_p``)."""
+    eval_top_k: int | None = None
+    """Validation's top-k (None: ``top_k``; 0: all)."""
+    eval_min_p: float | None = None
+    """Validation's min-p (None: ``min_p``; 0: off), e.g. to evaluate with a truncation that training does without."""
+    eval_repetition_penalty: float | None = None
+    """Validation's repetition penalty (None: ``repetition_penalty``; 1.0: off), e.g. a model card's inference penalty while training stays on-policy."""
     shared_prompt: bool = True
     """Encode each image and run each prompt once per group, in generation and in the log-prob passes (same numbers, less work)."""
+
+    # (key, valid value, the rule its error states) for the sampling keys; eval_<key> follows the same rule
+    _SAMPLING_RULES = (
+        ("temperature", lambda v: v > 0, "must be > 0"),
+        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ("top_k", lambda v: v >= 0, "must be >= 0 (0: all tokens)"),
+        ("min_p", lambda v: 0 <= v < 1, "must be in [0, 1) (0: off)"),
+        ("repetition_penalty", lambda v: v > 0, "must be > 0 (1.0: off)"),
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "model.rollout.num_generations", f"must be >= 2, got {self.num_generations}")
@@ -103,9 +131,16 @@ class RolloutConfig:
             "model.rollout.min_completion_length",
             f"must be in [0, max_completion_length={self.max_completion_length}], got {self.min_completion_length}",
         )
-        _check(self.temperature > 0, "model.rollout.temperature", f"must be > 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "model.rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        for name, valid, rule in self._SAMPLING_RULES:  # each training key, then its eval_ twin when set
+            value, eval_value = getattr(self, name), getattr(self, f"eval_{name}")
+            _check(valid(value), f"model.rollout.{name}", f"{rule}, got {value}")
+            _check(eval_value is None or valid(eval_value), f"model.rollout.eval_{name}", f"{rule}, got {eval_value}")
         _check(self.eval_num_generations >= 1, "model.rollout.eval_num_generations", "must be >= 1")
+        if self.eval_greedy:  # greedy validation takes the argmax: a sampling key set for it would do nothing
+            for key in ("eval_temperature", "eval_top_p", "eval_top_k", "eval_min_p"):
+                _check(getattr(self, key) is None, f"model.rollout.{key}",
+                       "is not used when model.rollout.eval_greedy is true (greedy validation takes the most likely "
+                       "token); set eval_greedy: false to sample validation completions, or leave it unset")
 
 
 @dataclass
@@ -118,6 +153,8 @@ class RewardConfig:
     """One weight per reward, same order (None: all 1)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group's std, the batch's std, or nothing."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """``sum_then_normalize``: the weighted sum of the rewards, then group advantages (``scale_rewards``). ``normalize_then_sum`` (GDPO, TRL's option): each reward centred and scaled by its group's std first, then the weighted sum centred and scaled by the batch's std over all processes (``scale_rewards`` does not apply): rewards on different scales weigh as their weights say."""
     soft_punish_cache: int = 50
     """Length reward: tokens before max_completion_length where the linear penalty starts."""
     on_reward_error: Literal["raise", "zero"] = "raise"
@@ -133,6 +170,8 @@ class RewardConfig:
                 f"{len(self.reward_funcs)} rewards ({', '.join(self.reward_funcs)})",
             )
         _check(self.scale_rewards in SCALE_MODES, "model.rewards.scale_rewards", f"choose from {SCALE_MODES}")
+        _check(self.multi_objective_aggregation in AGGREGATIONS, "model.rewards.multi_objective_aggregation",
+               f"choose from {AGGREGATIONS}, got {self.multi_objective_aggregation!r}")
         _check(self.soft_punish_cache >= 0, "model.rewards.soft_punish_cache", "must be >= 0")
         _check(self.on_reward_error in ("raise", "zero"), "model.rewards.on_reward_error", "choose from raise, zero")
 
@@ -155,6 +194,8 @@ class LossConfig:
     """Ratio per token, or one per sequence (geometric mean, GSPO)."""
     beta: float = 0.0
     """KL penalty weight to the frozen initial policy (0: no reference model is loaded)."""
+    mask_truncated_completions: bool = False
+    """Completions cut at ``max_completion_length`` (no EOS) take no part in the loss and its token count (TRL's option of the same name, verl's overlong filtering); the ``length`` reward still scores them."""
 
     def __post_init__(self) -> None:
         _check(self.loss_type in LOSS_TYPES, "model.loss.loss_type", f"choose from {LOSS_TYPES}")
@@ -172,7 +213,7 @@ class LossConfig:
         return PolicyLossSettings(
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
             importance_sampling_level=self.importance_sampling_level, loss_type=self.loss_type, beta=self.beta,
-            max_completion_length=max_completion_length,
+            max_completion_length=max_completion_length, mask_truncated=self.mask_truncated_completions,
         )
 
 
@@ -195,7 +236,9 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     """Clip the gradient's global norm (None: no clipping)."""
     num_iterations: int = 1
-    """Optimizer steps per rollout (mu); above 1 the sampling policy's log-probs are computed once and kept."""
+    """Passes over each rollout (mu, as TRL's ``num_iterations``); each pass takes ``steps_per_generation`` optimizer steps. Above 1 the sampling policy's log-probs are computed once and kept."""
+    steps_per_generation: int = 1
+    """Optimizer steps per pass over a rollout: its rows are split into this many consecutive mini-batches, each its own step (TRL's ``steps_per_generation``); above 1 the sampling policy's log-probs are computed once and kept. At most ``model.rollout.num_generations``."""
     micro_batch_size: int | None = None
     """Completions per forward/backward; the rollout's N = B*G rows are accumulated into one step (None: all at once)."""
     max_bad_steps: int | None = 3
@@ -205,6 +248,8 @@ class OptimConfig:
         _check(self.learning_rate > 0, "model.optim.learning_rate", f"must be > 0, got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, "model.optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.num_iterations >= 1, "model.optim.num_iterations", f"must be >= 1, got {self.num_iterations}")
+        _check(self.steps_per_generation >= 1, "model.optim.steps_per_generation",
+               f"must be >= 1, got {self.steps_per_generation}")
         _check(
             self.micro_batch_size is None or self.micro_batch_size >= 1,
             "model.optim.micro_batch_size",
@@ -220,3 +265,12 @@ class OptimConfig:
             "model.optim.max_grad_norm",
             f"must be > 0 or null, got {self.max_grad_norm}",
         )
+
+
+SECTIONS = {"policy": PolicyConfig, "rollout": RolloutConfig, "rewards": RewardConfig, "loss": LossConfig,
+            "optim": OptimConfig}  # DAPOModule's arguments, as its hyper-parameters name them
+
+
+def default_settings() -> dict[str, dict]:
+    """The hyper-parameters of a default configuration (``{section: {key: value}}``)."""
+    return {name: asdict(cls()) for name, cls in SECTIONS.items()}

@@ -55,11 +55,9 @@ def gather(value: Tensor) -> Tensor:
     return torch.stack(parts)
 
 
-def global_std(values: Tensor) -> Tensor:
-    """The unbiased std of every process's ``values`` [N] together (equal N on every process)."""
-    if not is_distributed():
-        return values.std()
-    return gather(values).reshape(-1).std()
+def gather_flat(values: Tensor) -> Tensor:
+    """Every process's ``values`` [N] one after another: [W * N] (equal N on every process)."""
+    return gather(values).reshape(-1)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -69,6 +67,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order, on every process; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def gather_per_rank(obj: Any) -> list[Any] | None:

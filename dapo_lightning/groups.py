@@ -195,6 +195,7 @@ def assemble(rollout: RolloutBatch, groups: Sequence[Group], *, pad_id: int) -> 
         columns=columns,
         index=[i for p in prompts for i in p.index],
         num_skipped=rollout.prompts.num_skipped,
+        num_resized=rollout.prompts.num_resized,
     )
 
     # row side: right-pad to the longest completion

@@ -101,6 +101,7 @@ class PolicyLossSettings:
     loss_type: str = "dapo"  # the normaliser, see ``aggregate``
     beta: float = 0.0  # KL penalty weight (needs ``ref_logps``)
     max_completion_length: int | None = None  # the ``dr_grpo`` constant
+    mask_truncated: bool = False  # truncated completions (no EOS) take no part in the loss (see ``update.py``)
 
 
 def dapo_policy_loss(

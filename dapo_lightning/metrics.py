@@ -21,7 +21,7 @@ from dapo_lightning.batch import RolloutBatch
 from dapo_lightning.rewards.accuracy import accuracy as accuracy_reward
 from dapo_lightning.rewards.format import format_reward
 
-SUMMED = ("skipped_rows", "reward_errors/")  # counts: summed over processes (min and max keep their own sense)
+SUMMED = ("skipped_rows", "resized_rows", "reward_errors/")  # counts: summed over processes
 
 
 def reward_column(rollout: RolloutBatch, name: str) -> Tensor | None:
@@ -129,7 +129,7 @@ def token_weight_stats(rollout: RolloutBatch) -> dict[str, Tensor] | None:
 
 
 def step_metrics(rollout: RolloutBatch, update: dict[str, Tensor], *, learning_rate: float, skipped_rows: int,
-                 bad_steps: int) -> dict[str, Tensor]:
+                 bad_steps: int, resized_rows: int = 0) -> dict[str, Tensor]:
     """Every ``train/*`` scalar of a training step (before the reduction over processes), float32 on the CPU device
     of the rollout."""
     device = rollout.completion_ids.device
@@ -146,6 +146,7 @@ def step_metrics(rollout: RolloutBatch, update: dict[str, Tensor], *, learning_r
     metrics["completion_tokens_per_second"] = tokens / step_time if step_time > 0 else scalar(math.nan)
     metrics["learning_rate"] = scalar(learning_rate)
     metrics["skipped_rows"] = scalar(float(skipped_rows))
+    metrics["resized_rows"] = scalar(float(resized_rows))  # images the data module shrank to fit the prompt limit
     for name in rollout.reward_names:
         metrics[f"reward_errors/{name}"] = scalar(float(rollout.reward_errors.get(name, 0)))
     for phase, seconds in rollout.timings.items():
@@ -172,13 +173,19 @@ def reduce_across_processes(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def source_name(value) -> str:
+    """A row's ``source`` as a metric name (a missing or blank one is ``(none)``)."""
+    return str(value).strip() if value is not None and str(value).strip() else "(none)"
+
+
 def metric_key(name: str) -> str:
     """A reward name as a ``ModuleDict`` key (no dots or colons)."""
     return name.replace(".", "_").replace(":", "_")
 
 
 class ValidationMetrics(nn.Module):
-    """Accuracy, total reward and each reward's mean over a validation epoch, exact over processes (torchmetrics)."""
+    """Accuracy, total reward and each reward's mean over a validation epoch, exact over processes (torchmetrics);
+    and, when the data has a ``source`` column, the accuracy of each source (``val/accuracy/<source>``)."""
 
     def __init__(self, reward_names: list[str]):
         super().__init__()
@@ -186,14 +193,22 @@ class ValidationMetrics(nn.Module):
         self.accuracy = MeanMetric()
         self.reward = MeanMetric()
         self.rewards = nn.ModuleDict({metric_key(name): MeanMetric() for name in self.reward_names})
+        self.by_source: dict[str, list[float]] = {}  # source -> [correct, rows] of this process
 
     def update(self, rollout: RolloutBatch) -> None:
-        self.accuracy.update(row_accuracy(rollout))
+        accuracy = row_accuracy(rollout)  # [N]
+        self.accuracy.update(accuracy)
         self.reward.update(rollout.rewards)
         for k, name in enumerate(self.reward_names):
             column = rollout.rewards_per_func[:, k]
             if (~column.isnan()).any():
                 self.rewards[metric_key(name)].update(column[~column.isnan()])
+        sources = rollout.row_columns().get("source")
+        if sources is not None:
+            for source, value in zip(sources, accuracy.tolist(), strict=True):
+                totals = self.by_source.setdefault(source_name(source), [0.0, 0.0])
+                totals[0] += value
+                totals[1] += 1.0
 
     def compute(self) -> dict[str, float]:
         """``val/*`` values (every process computes every metric: ``compute`` synchronises), then reset."""
@@ -202,6 +217,18 @@ class ValidationMetrics(nn.Module):
             value = float(self.rewards[metric_key(name)].compute())
             if not math.isnan(value):
                 values[f"val/rewards/{name}/mean"] = value
+        values.update(self._source_accuracy())
         for metric in (self.accuracy, self.reward, *self.rewards.values()):
             metric.reset()
+        self.by_source = {}
         return values
+
+    def _source_accuracy(self) -> dict[str, float]:
+        """``val/accuracy/<source>`` over every process's rows (processes may have seen different sources)."""
+        names = sorted({name for seen in distributed.gather_objects(sorted(self.by_source)) for name in seen})
+        if not names:
+            return {}
+        totals = torch.tensor([self.by_source.get(name, [0.0, 0.0]) for name in names], dtype=torch.float64)
+        totals = distributed.global_sum(totals.to(self.accuracy.device)).cpu()  # [S, 2]
+        return {f"val/accuracy/{name}": correct / rows for name, (correct, rows) in zip(names, totals.tolist())
+                if rows > 0}

@@ -38,7 +38,7 @@ from torch import Tensor
 from dapo_lightning import checkpointing, distributed, fit_checks, guards, metrics, storage
 from dapo_lightning.actor import Actor
 from dapo_lightning.batch import PromptBatch, RolloutBatch
-from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig, coerce
+from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig, coerce, default_settings
 from dapo_lightning.hooks import check_callbacks, rollout_callbacks
 from dapo_lightning.logprobs import LogProbs
 from dapo_lightning.models import build_policy
@@ -86,8 +86,12 @@ class DAPOModule(LightningModule):
         self.save_hyperparameters({**{k: asdict(v) for k, v in configs.items()}, "export_final": export_final})
         self.automatic_optimization = False
         self.reward_specs = [get_reward_spec(name) for name in self.reward_cfg.reward_funcs]
+        if self.optim_cfg.steps_per_generation > self.rollout_cfg.num_generations:  # every mini-batch gets rows
+            raise ValueError(f"model.optim.steps_per_generation: at most model.rollout.num_generations="
+                             f"{self.rollout_cfg.num_generations}, got {self.optim_cfg.steps_per_generation}")
         self.update_settings = UpdateSettings(loss=self.loss_cfg.settings(self.rollout_cfg.max_completion_length),
                                               num_iterations=self.optim_cfg.num_iterations,
+                                              steps_per_generation=self.optim_cfg.steps_per_generation,
                                               micro_batch_size=self.optim_cfg.micro_batch_size)
         self.actor: Actor | None = None  # the policy and its forward passes, made in configure_model
         self.policy = None  # the actor's model, registered here so Lightning moves, wraps and checkpoints it
@@ -127,7 +131,8 @@ class DAPOModule(LightningModule):
     def total_optimizer_steps(self) -> int:
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return int(self.trainer.max_steps)
-        return int(self.trainer.estimated_stepping_batches) * self.optim_cfg.num_iterations
+        steps_per_rollout = self.optim_cfg.num_iterations * self.optim_cfg.steps_per_generation
+        return int(self.trainer.estimated_stepping_batches) * steps_per_rollout
 
     # --- model, checks, checkpoints -------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ class DAPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_same_config(checkpoint.get("hyper_parameters"), self.hparams)
-        changes = checkpointing.changed_settings(checkpoint.get("hyper_parameters"), self.hparams)
+        changes = checkpointing.changed_settings(checkpoint.get("hyper_parameters"), self.hparams, default_settings())
         if message := checkpointing.describe_changed_settings(changes):
             rank_zero_warn(message)
         counts = checkpoint.get("bad_steps") or {}
@@ -184,7 +189,7 @@ class DAPOModule(LightningModule):
         rollout.timings["step"] = time.perf_counter() - start
         for callback in rollout_callbacks(self.trainer):
             callback.on_rollout_update_end(self.trainer, self, rollout, result)
-        self.log_step(rollout, result, skipped_rows=batch.num_skipped)
+        self.log_step(rollout, result, skipped_rows=batch.num_skipped, resized_rows=batch.num_resized)
         self._stop_after_too_many_bad_steps(rollout)
 
     def sample(self, batch: PromptBatch, stage: str, requested_by: str | None = None) -> RolloutBatch:
@@ -231,8 +236,9 @@ class DAPOModule(LightningModule):
         extra = {"max_completion_length": self.rollout_cfg.max_completion_length,
                  "soft_punish_cache": self.reward_cfg.soft_punish_cache}
         train = rollout.stage == "train"
-        score(rollout, self.reward_specs, scale_rewards=self.reward_cfg.scale_rewards, extra_kwargs=extra,
-              batch_std=distributed.global_std if train else None,  # uneven validation shards: no collective
+        score(rollout, self.reward_specs, scale_rewards=self.reward_cfg.scale_rewards,
+              aggregation=self.reward_cfg.multi_objective_aggregation, extra_kwargs=extra,
+              gather=distributed.gather_flat if train else None,  # uneven validation shards: no collective
               on_reward_error=self.reward_cfg.on_reward_error)
         rollout.timings["score"] = time.perf_counter() - start
         if train and not rollout.is_extra:  # the fresh rows, before callbacks move groups
@@ -246,7 +252,8 @@ class DAPOModule(LightningModule):
         train = rollout.stage == "train"
         callbacks = rollout_callbacks(self.trainer)
         recorders = [r for c in callbacks if (r := c.teacher_forced_recorder(self.trainer, self, rollout))]
-        old = train and (self.optim_cfg.num_iterations > 1 or needs_old_logps)
+        off_policy = self.optim_cfg.num_iterations > 1 or self.optim_cfg.steps_per_generation > 1  # after a step
+        old = train and (off_policy or needs_old_logps)
         reference = train and self.loss_cfg.beta > 0
         if recorders or old or reference:
             chunks = row_chunks(rollout.num_rows, self.optim_cfg.micro_batch_size)
@@ -312,10 +319,11 @@ class DAPOModule(LightningModule):
 
     # --- logging and validation -----------------------------------------------------------------------
 
-    def log_step(self, rollout: RolloutBatch, result: UpdateResult, skipped_rows: int = 0) -> None:
+    def log_step(self, rollout: RolloutBatch, result: UpdateResult, skipped_rows: int = 0,
+                 resized_rows: int = 0) -> None:
         """Every ``train/*`` scalar of the step (``metrics.step_metrics``), reduced over processes in one gather."""
         values = metrics.step_metrics(rollout, result.metrics(), learning_rate=self.optimizers().param_groups[0]["lr"],
-                                      skipped_rows=skipped_rows, bad_steps=self.bad_steps)
+                                      skipped_rows=skipped_rows, resized_rows=resized_rows, bad_steps=self.bad_steps)
         values = metrics.reduce_across_processes(values)
         self.log_dict({f"train/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False,
                       batch_size=len(rollout.prompts))

@@ -22,13 +22,17 @@ VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
 
 @dataclass(frozen=True)
 class SamplingSettings:
+    """One stage's sampling (``Actor.sampling``); the defaults change nothing (``transformers``' meaning for each)."""
+
     num_generations: int
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
+    top_k: int = 0  # 0: all tokens
+    greedy: bool = False  # argmax after the penalty and suppression; temperature, top-k, top-p, min-p unused
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,14 @@ def generate_hf(
     sampling = (
         {"do_sample": False}
         if settings.greedy
-        else {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+        else {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
+              "min_p": settings.min_p or None}
     )
     output = model.generate(
         **inputs,
         **sampling,
+        # always given: a checkpoint's generation_config.json may set a penalty this project's decoder would not apply
+        repetition_penalty=float(settings.repetition_penalty),
         num_return_sequences=settings.num_generations,
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens or None,
@@ -106,29 +113,67 @@ def generate_hf(
     return _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, stage)
 
 
-def sample_next(logits: Tensor, settings: SamplingSettings, suppress: Tensor | None) -> Tensor:
-    """Next token per row from raw logits: suppression, then greedy, or temperature / top-k / top-p sampling.
+def processed_logits(logits: Tensor, settings: SamplingSettings, suppress: Tensor | None,
+                     seen: Tensor | None = None) -> Tensor:
+    """Raw logits -> the scores the next token is drawn from, in ``transformers``' order.
 
-    The same processing order as ``transformers`` generation (suppress, temperature, top-k, top-p).
-    [n, V] -> [n]
+    ``GenerationMixin._get_logits_processor`` (transformers 5.x) lists the repetition penalty,
+    then the suppression of EOS before ``min_new_tokens`` and of ``suppress_tokens``, then,
+    only when sampling, the warpers: temperature, top-k, top-p, min-p. ``seen`` (bool [n, V])
+    marks the tokens the repetition penalty applies to (None: off); ``suppress`` the ids set to
+    -inf. Each step below reproduces the named ``logits_process.py`` class elementwise, so the
+    two generators draw the same tokens.
+    [n, V] -> [n, V]
     """
     logits = logits.float()
-    if suppress is not None and suppress.numel():
+    if seen is not None:  # RepetitionPenaltyLogitsProcessor (CTRL): shrink a seen token's logit towards 0 and below
+        penalty = settings.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)  # [n, V]
+    if suppress is not None and suppress.numel():  # MinNewTokensLength..., SuppressTokensLogitsProcessor
         logits = logits.index_fill(-1, suppress, -math.inf)  # [n, V]
     if settings.greedy:
-        return logits.argmax(-1)
-    logits = logits / settings.temperature
-    if settings.top_k and settings.top_k < logits.shape[-1]:
+        return logits
+    logits = logits / settings.temperature  # TemperatureLogitsWarper
+    if settings.top_k and settings.top_k < logits.shape[-1]:  # TopKLogitsWarper
         kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # [n, 1]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    if settings.top_p < 1.0:
+    if settings.top_p < 1.0:  # TopPLogitsWarper
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)  # [n, V] ascending
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove_sorted = cumulative <= 1 - settings.top_p
         remove_sorted[:, -1] = False  # always keep the most likely token
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, -math.inf)
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    if settings.min_p > 0:  # MinPLogitsWarper: drop tokens less likely than min_p times the most likely one
+        probs = logits.softmax(-1)  # [n, V]
+        remove = probs < settings.min_p * probs.amax(-1, keepdim=True)  # [n, V]
+        remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)  # always keep the most likely token
+        logits = logits.masked_fill(remove, -math.inf)
+    return logits
+
+
+def sample_next(logits: Tensor, settings: SamplingSettings, suppress: Tensor | None,
+                seen: Tensor | None = None) -> Tensor:
+    """Next token per row from raw logits: ``processed_logits``, then argmax (greedy) or a draw. [n, V] -> [n]"""
+    scores = processed_logits(logits, settings, suppress, seen)  # [n, V]
+    if settings.greedy:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+
+
+def prompt_tokens_seen(prompts: PromptBatch, vocab_size: int) -> Tensor:
+    """The tokens ``generate``'s repetition penalty sees in each prompt, bool [B, V + 1].
+
+    ``generate`` penalises every id of its ``input_ids``: the prompt (image placeholders included)
+    and the tokens generated so far, but not the left padding (``prompt_ignore_length``: the
+    index of each row's first attended token). The left padding and ids past the logits (V and
+    above) land in the last column, which the caller drops, as ``RepetitionPenaltyLogitsProcessor`` does.
+    """
+    ids = prompts.input_ids  # [B, P]
+    left_padding = (prompts.attention_mask != 0).int().argmax(dim=1)  # [B]
+    positions = torch.arange(ids.shape[1], device=ids.device)  # [P]
+    ids = ids.clamp(max=vocab_size).masked_fill(positions < left_padding.unsqueeze(1), vocab_size)  # [B, P]
+    return torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
 
 
 @torch.no_grad()
@@ -169,11 +214,17 @@ def generate_shared(
     finished = torch.zeros(B * G, dtype=torch.bool, device=device)
     steps = []
     suppress_eos = torch.cat([suppress, eos]) if suppress is not None else eos
+    V = logits.shape[-1]
+    # the repetition penalty's tokens: prompt, then each step's (a finished row's pad too, as generate appends it)
+    seen = prompt_tokens_seen(prompts, V).repeat_interleave(G, dim=0) if settings.repetition_penalty != 1.0 else None
     for t in range(settings.max_new_tokens):
-        token = sample_next(logits, settings, suppress_eos if t < settings.min_new_tokens else suppress)  # [N]
+        token = sample_next(logits, settings, suppress_eos if t < settings.min_new_tokens else suppress,
+                            seen[:, :V] if seen is not None else None)  # [N]
         token = torch.where(finished, torch.full_like(token, token_ids.pad), token)
         steps.append(token)
         finished |= torch.isin(token, eos)
+        if seen is not None:
+            seen.scatter_(1, token.clamp(max=V).unsqueeze(1), True)  # [N, V + 1]
         if bool(finished.all()) or t == settings.max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # [N, P + t + 1]

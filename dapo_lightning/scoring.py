@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dapo_lightning.advantages import combine_rewards, group_advantages
+from dapo_lightning.advantages import combine_rewards, group_advantages, normalize_then_sum
 from dapo_lightning.batch import RolloutBatch
 from dapo_lightning.guards import Fault
 from dapo_lightning.rewards.registry import RewardSpec
@@ -156,14 +156,20 @@ def score(
     specs: Sequence[RewardSpec],
     *,
     scale_rewards: str,
+    aggregation: str = "sum_then_normalize",
     extra_kwargs: dict[str, Any] | None = None,
-    batch_std: Callable[[Tensor], Tensor] | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
     on_reward_error: str = "raise",
 ) -> RolloutBatch:
     """Fill ``rewards_per_func``, ``rewards`` and ``advantages`` of ``rollout`` (in place; returns it).
 
-    Rewards that returned NaN or inf are recorded in ``rollout.faults``; samples a reward
-    raised on and that scored 0 (``on_reward_error="zero"``) are counted in ``rollout.reward_errors``.
+    ``rewards`` is always the weighted sum (NaN counted 0). The advantages follow
+    ``aggregation``: ``sum_then_normalize`` centres that sum per group and scales it by
+    ``scale_rewards``; ``normalize_then_sum`` normalises each reward per group first
+    (``advantages.normalize_then_sum``). ``gather`` [N] -> [W * N] gives every process's values
+    for the batch-wide statistics (None: this process's). Rewards that returned NaN or inf are
+    recorded in ``rollout.faults``; samples a reward raised on and that scored 0
+    (``on_reward_error="zero"``) are counted in ``rollout.reward_errors``.
     """
     kwargs = {**rollout.reward_kwargs(), **(extra_kwargs or {})}
     device = rollout.completion_ids.device
@@ -179,11 +185,13 @@ def score(
     rollout.reward_errors = {name: len(rows) for name, rows in table.errors.items()}
     weights = rollout.reward_weights.to(device=device, dtype=per_func.dtype)  # [K]
     rewards = combine_rewards(per_func, weights)  # [N]
-    std = batch_std(rewards) if (batch_std is not None and scale_rewards == "batch") else None
     rollout.rewards_per_func = per_func
     rollout.rewards = rewards
-    if rollout.num_generations >= 2:
-        rollout.advantages = group_advantages(rewards, rollout.num_generations, scale_rewards, batch_std=std)
-    else:  # greedy validation: one completion per prompt, no group to compare with
+    if rollout.num_generations < 2:  # greedy validation: one completion per prompt, no group to compare with
         rollout.advantages = torch.zeros_like(rewards)
+    elif aggregation == "normalize_then_sum":
+        rollout.advantages = normalize_then_sum(per_func, weights, G, gather=gather)
+    else:
+        std = gather(rewards).std() if (gather is not None and scale_rewards == "batch") else None
+        rollout.advantages = group_advantages(rewards, G, scale_rewards, batch_std=std)
     return rollout

@@ -1,11 +1,15 @@
-"""One training step's update: ``num_iterations`` optimizer steps of the DAPO loss over a rollout (SPEC 5).
+"""One training step's update: the optimizer steps of the DAPO loss over a rollout (SPEC 5).
 
-The rollout's N rows are split into micro-batches of ``micro_batch_size`` completions; each
-runs a forward (the policy's log-probs) and a backward, and the optimizer steps once per
-iteration. Nothing in the micro-batch loop waits for the device: the loss, its metrics and
-the non-finite checks stay tensors until the iteration ends, where one all-reduce and one
-host synchronisation decide whether the step is skipped (:class:`UpdateResult` keeps the
-rest on the device for the step's single metric reduction, ``metrics.py``).
+``num_iterations`` passes over the rollout; each pass splits its N rows into
+``steps_per_generation`` consecutive mini-batches and takes one optimizer step per
+mini-batch (so mu x S steps in all, each over N/S rows: TRL's meaning of both settings).
+A mini-batch runs in micro-batches of ``micro_batch_size`` completions, a forward (the
+policy's log-probs) and a backward each. Nothing in the micro-batch loop waits for the
+device: the loss, its metrics and the non-finite checks stay tensors until the optimizer
+step, where one all-reduce and one host synchronisation decide whether the step is skipped
+(:class:`UpdateResult` keeps the rest on the device for the step's single metric
+reduction, ``metrics.py``). After the first optimizer step the policy is no longer the
+one that sampled, so with mu or S above 1 the module keeps the sampling policy's log-probs.
 
 Non-finite values (``guards.py``) skip the step: no optimizer step, gradients dropped, and
 no scheduler step either, so the learning-rate schedule follows the optimizer steps
@@ -16,7 +20,7 @@ count towards ``max_steps``). The decision is all-reduced, so every process skip
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -52,8 +56,9 @@ class TrainingHost(Protocol):
 @dataclass(frozen=True)
 class UpdateSettings:
     loss: PolicyLossSettings
-    num_iterations: int = 1  # optimizer steps per rollout (mu)
-    micro_batch_size: int | None = None  # completions per forward/backward (None: all N at once)
+    num_iterations: int = 1  # passes over the rollout (mu)
+    steps_per_generation: int = 1  # optimizer steps per pass, over consecutive mini-batches of the rows
+    micro_batch_size: int | None = None  # completions per forward/backward (None: the whole mini-batch)
 
 
 @dataclass
@@ -62,7 +67,7 @@ class UpdateResult:
 
     skipped: bool  # no optimizer step was taken (or not all of them): a non-finite value was found
     faults: list[guards.Fault] = field(default_factory=list)  # what was found, with its rows or parameters
-    loss: Tensor | None = None  # the first iteration's loss (micro-batch losses, scaled and summed)
+    loss: Tensor | None = None  # the first pass's loss (micro-batch losses, scaled and summed over its steps)
     sums: dict[str, Tensor] = field(default_factory=dict)  # token-weighted sums of the loss's metrics, "entropy"
     tokens: Tensor | None = None  # the valid completion tokens those sums are over
     grad_norm: Tensor | None = None  # the first optimizer step's gradient norm before clipping
@@ -87,44 +92,79 @@ def micro_batches_on_busiest_process(count: int, device: torch.device) -> int:
     return int(distributed.global_max(torch.tensor(float(count), device=device)))
 
 
-def update_policy(rollout: RolloutBatch, host: TrainingHost, settings: UpdateSettings) -> UpdateResult:
-    """Run the step's optimizer steps on ``rollout``; see the module docstring."""
-    chunks = row_chunks(rollout.num_rows, settings.micro_batch_size)
-    lengths = rollout.completion_lengths.tolist()  # one sync: every micro-batch's width, [N]
-    widths = [max(max(lengths[r] for r in rows), 1) for rows in chunks]
+def mini_batches(num_rows: int, steps: int) -> list[list[int]]:
+    """The rows of each optimizer step of a pass: ``steps`` consecutive parts of near-equal size (none empty)."""
+    return [part.tolist() for part in torch.arange(num_rows).tensor_split(min(steps, num_rows))]
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """One optimizer step's micro-batches and the constants of its loss."""
+
+    chunks: list[list[int]]  # rows of each micro-batch
+    widths: list[int]  # each micro-batch's longest completion (T')
+    padding: int  # zero-loss backward passes to match the busiest process
+    scale: float  # factor on each micro-batch's loss (micro_batch_scale)
+    normalizer: Tensor  # dapo: the step's loss tokens over all processes / W
+
+
+def _plan(rows: list[int], lengths: list[int], tokens: Tensor, settings: UpdateSettings, device) -> _StepPlan:
+    size = settings.micro_batch_size or len(rows)
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     # DDP all-reduces every backward, so every process must make the same number of them even when its rollout has
     # fewer rows (skipped bad rows): the missing micro-batches back-propagate a zero loss.
-    padding = micro_batches_on_busiest_process(len(chunks), host.device) - len(chunks)
-    scale = micro_batch_scale(settings.loss.loss_type, len(chunks))
-    # SPEC 5: dapo divides by the step's valid tokens over all micro-batches and processes, per process.
-    normalizer = distributed.global_sum(rollout.completion_mask.sum().float()) / distributed.rank_and_world()[1]
+    padding = micro_batches_on_busiest_process(len(chunks), device) - len(chunks)
+    # SPEC 5: dapo divides by the step's loss tokens over all micro-batches and processes, per process.
+    normalizer = distributed.global_sum(tokens[rows].sum().float()) / distributed.rank_and_world()[1]
+    return _StepPlan(chunks=chunks, widths=[max(max(lengths[r] for r in chunk), 1) for chunk in chunks],
+                     padding=padding, scale=micro_batch_scale(settings.loss.loss_type, len(chunks)),
+                     normalizer=normalizer)
+
+
+def update_policy(rollout: RolloutBatch, host: TrainingHost, settings: UpdateSettings) -> UpdateResult:
+    """Run the step's optimizer steps on ``rollout``; see the module docstring.
+
+    ``num_iterations`` passes over the rollout, each of ``steps_per_generation`` optimizer steps
+    over consecutive mini-batches of its rows (TRL's meaning of both), each step in micro-batches
+    of ``micro_batch_size`` completions. With ``mask_truncated`` a completion without EOS takes no
+    part in the loss, its metrics or the token count.
+    """
+    lengths = rollout.completion_lengths.tolist()  # one sync: every micro-batch's width, [N]
+    kept = ~rollout.truncated.bool() if settings.loss.mask_truncated else None  # [N] rows in the loss
+    tokens = rollout.completion_mask.sum(-1) if kept is None else rollout.completion_mask.sum(-1) * kept  # [N]
+    plans = [_plan(rows, lengths, tokens, settings, host.device)
+             for rows in mini_batches(rollout.num_rows, settings.steps_per_generation)]
     faults = [*rollout.faults, *guards.rollout_faults(rollout)]
     result = UpdateResult(skipped=distributed.any_process(bool(faults), host.device), faults=faults)
     for iteration in range(0 if result.skipped else settings.num_iterations):
-        checks = []  # per micro-batch: (rows, non-finite log-prob rows [n], finite loss [])
-        for rows, width in zip(chunks, widths):
-            out, logps = _micro_batch(rollout, rows, width, host, settings.loss, normalizer, iteration == 0)
-            checks.append((rows, guards.nonfinite_row_mask(logps.logps.detach(), logps.mask),
-                           torch.isfinite(out.loss.detach())))
-            host.manual_backward(out.loss * scale)
-            if iteration == 0:
-                _accumulate(result, out, logps, scale)
-        for _ in range(padding):
-            host.manual_backward(_zero_loss(host))
-        if _skip(result, checks, host, rollout):
-            host.discard_gradients()
-            result.skipped = True
-            break
-        grad_norm = host.step_optimizer()
-        if result.grad_norm is None:
-            result.grad_norm = grad_norm
+        for plan in plans:
+            checks = []  # per micro-batch: (rows, non-finite log-prob rows [n], finite loss [])
+            for rows, width in zip(plan.chunks, plan.widths):
+                out, logps = _micro_batch(rollout, rows, width, host, settings.loss, plan.normalizer, kept,
+                                          iteration == 0)
+                checks.append((rows, guards.nonfinite_row_mask(logps.logps.detach(), logps.mask),
+                               torch.isfinite(out.loss.detach())))
+                host.manual_backward(out.loss * plan.scale)
+                if iteration == 0:
+                    _accumulate(result, out, logps, plan.scale)
+            for _ in range(plan.padding):
+                host.manual_backward(_zero_loss(host))
+            if _skip(result, checks, host, rollout):
+                host.discard_gradients()
+                result.skipped = True
+                return result
+            grad_norm = host.step_optimizer()
+            if result.grad_norm is None:
+                result.grad_norm = grad_norm
     return result
 
 
-def _micro_batch(rollout, rows, width, host, loss_settings, normalizer, first_iteration):
+def _micro_batch(rollout, rows, width, host, loss_settings, normalizer, kept, first_iteration):
     logps = host.completion_logps(rollout, rows, with_entropy=first_iteration, width=width)
     width = logps.logps.shape[1]
     index = torch.tensor(rows, device=rollout.completion_ids.device)
+    if kept is not None:  # truncated completions leave the loss (mask_truncated_completions)
+        logps = replace(logps, mask=logps.mask * kept[index].unsqueeze(-1).to(logps.mask.dtype))  # [n, T']
     old = rollout.old_logps[index, :width] if rollout.old_logps is not None else logps.logps.detach()  # [n, T']
     advantages = rollout.advantages[index]  # [n]
     if rollout.token_weights is not None:

@@ -11,6 +11,13 @@ so memory holds at most one batch of images. The schema is the ``datasets``
 one (``mcq_features().arrow_schema``): ``image`` is ``struct<bytes: binary,
 path: string>`` and the ``huggingface`` schema metadata marks it as an
 ``Image`` feature, so ``Dataset.from_parquet`` decodes it as a picture.
+
+One optional fourth column, ``source`` (a non-empty string per row: the dataset the
+question came from, e.g. ``aokvqa``), is written when ``source_column=True``
+(``merge --source-column``); the data module passes it through to
+``PromptBatch.columns["source"]``, by which validation accuracy is logged per source.
+Only that column: the DDM format is a contract (SPEC section 1) that the data module,
+``validate`` and the metrics rely on, so other columns are dropped, not carried along.
 """
 
 from __future__ import annotations
@@ -26,9 +33,21 @@ import pyarrow.parquet as pq
 from dapo_lightning.data.rows import mcq_features
 
 
-def mcq_arrow_schema() -> pa.Schema:
-    """The arrow schema of a DDM file, with the ``huggingface`` metadata that names ``image`` an Image."""
-    return mcq_features().arrow_schema
+SOURCE_COLUMN = "source"
+
+
+def mcq_arrow_schema(*, source_column: bool = False) -> pa.Schema:
+    """The arrow schema of a DDM file, with the ``huggingface`` metadata that names ``image`` an Image.
+
+    ``source_column`` appends ``source: string`` (to the metadata's features too, so
+    ``datasets`` reads it as ``Value("string")``).
+    """
+    features = mcq_features()
+    if source_column:
+        from datasets import Value
+
+        features[SOURCE_COLUMN] = Value("string")
+    return features.arrow_schema
 
 
 class EmptyOutput(RuntimeError):
@@ -41,16 +60,26 @@ class MCQParquetWriter:
     Use as a context manager: leaving the block normally publishes the file, leaving
     it by an exception removes the temporary file and leaves ``path`` untouched.
     With ``allow_empty=False`` (the default) publishing zero rows raises
-    :class:`EmptyOutput` and writes nothing.
+    :class:`EmptyOutput` and writes nothing. With ``source_column=True`` every row
+    must also carry ``"source"``, a non-empty string (``ValueError`` otherwise);
+    without it a row's other keys are ignored.
     """
 
-    def __init__(self, path: str | os.PathLike, *, batch_rows: int = 256, allow_empty: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        batch_rows: int = 256,
+        allow_empty: bool = False,
+        source_column: bool = False,
+    ):
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
         self.path = Path(path)
         self.batch_rows = batch_rows
         self.allow_empty = allow_empty
-        self.schema = mcq_arrow_schema()
+        self.source_column = source_column
+        self.schema = mcq_arrow_schema(source_column=source_column)
         self.rows_written = 0
         # Hidden, per-process name in the target's folder: same filesystem, so os.replace is atomic.
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
@@ -63,6 +92,11 @@ class MCQParquetWriter:
         return self
 
     def write(self, row: dict[str, Any]) -> None:
+        if self.source_column:
+            source = row.get(SOURCE_COLUMN)
+            if not isinstance(source, str) or not source.strip():
+                index = self.rows_written + len(self._buffer)
+                raise ValueError(f"{self.path}: row {index}: source must be a non-empty string, got {source!r}")
         self._buffer.append(row)
         if len(self._buffer) >= self.batch_rows:
             self._flush()

@@ -3,8 +3,9 @@
 Each input is ``PATH`` or ``NAME=PATH``; the name (default: the file's stem) is the
 source that counts and ``--cap`` refer to, and several inputs may share one. Rows
 are cast to the one DDM schema (``image`` bytes embedded, ``solution`` an upper-case
-letter; extra columns dropped) and their text checked as the data module checks
-it; images are not decoded again (the converters did; ``validate`` does).
+letter; extra columns dropped, ``source`` too unless ``--source-column``) and their
+text checked as the data module checks it; images are not decoded again (the
+converters did; ``validate`` does).
 
 - ``--dedup`` drops a row whose problem text and image bytes (SHA-256) equal an
   earlier row's, across all inputs, first one kept.
@@ -13,9 +14,16 @@ it; images are not decoded again (the converters did; ``validate`` does).
 - ``--shuffle`` writes the rows in a random order drawn with ``--seed``. Memory
   stays bounded: rows are spilled to temporary bucket files by output position,
   then each bucket is sorted and written in turn.
+- ``--source-column`` also writes a string column ``source``: each row's source
+  name, by which validation accuracy is reported per source. A row that already
+  has a non-empty ``source`` (from an earlier ``--source-column`` merge) keeps it,
+  so re-merging a merged file keeps its rows' original sources; the summary says
+  how many rows of which input kept theirs. A duplicate dropped by ``--dedup``
+  leaves the source of the row kept. Off by default: the output then has exactly
+  the three DDM columns, as before.
 
     python -m dapo_lightning.data_prep merge aokvqa=data/aokvqa.parquet data/arxivqa.parquet mmmu=data/mmmu4.parquet mmmu=data/mmmu10.parquet \\
-        --dedup --cap aokvqa=5000 --shuffle --seed 42 --out data/ddm.parquet
+        --dedup --cap aokvqa=5000 --shuffle --seed 42 --source-column --out data/ddm.parquet
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any
 import pyarrow as pa
 
 from dapo_lightning.data.rows import COLUMNS
-from dapo_lightning.data_prep.io import MCQParquetWriter, EmptyOutput, mcq_arrow_schema
+from dapo_lightning.data_prep.io import SOURCE_COLUMN, EmptyOutput, MCQParquetWriter, mcq_arrow_schema
 from dapo_lightning.data_prep.pipeline import Drop, DropReport, finish_row, positive_int, progress_bar
 from dapo_lightning.data_prep.sources import LOCAL_SUFFIXES, InputError, Record, SchemaError, Source, check_fields, iter_records
 
@@ -84,10 +92,13 @@ def parse_cap(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: N must be a positive integer") from None
 
 
-def _input_rows(inputs: list[MergeInput], batch_size: int) -> Iterator[tuple[Key, MergeInput, Record]]:
+def _input_rows(
+    inputs: list[MergeInput], batch_size: int, source_column: bool
+) -> Iterator[tuple[Key, MergeInput, Record]]:
+    columns = (*COLUMNS, SOURCE_COLUMN) if source_column else COLUMNS  # an absent source column reads as None
     for index, item in enumerate(inputs):
         source = Source(files=(item.path,))
-        for record in iter_records(source, columns=COLUMNS, image_columns=("image",), batch_size=batch_size):
+        for record in iter_records(source, columns=columns, image_columns=("image",), batch_size=batch_size):
             yield (index, record.row), item, record
 
 
@@ -99,17 +110,44 @@ def _as_mcq_row(record: Record) -> dict[str, Any]:
     )
 
 
+def _source_of(item: MergeInput, record: Record) -> tuple[str, bool]:
+    """``(the row's source value, whether it came with the row)``: its own non-empty ``source``, else the input's name.
+
+    A row's own value wins so that re-merging a merged file keeps where each question
+    came from (``aokvqa``, ``mmmu``...) instead of renaming them all after the file.
+    """
+    value = record.data.get(SOURCE_COLUMN)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return item.name, False
+    if not isinstance(value, str):
+        raise InputError(
+            f"{record.where}: row {record.row}: column {SOURCE_COLUMN} holds {type(value).__name__} {value!r}; "
+            "expected a string (rename the column, or merge without --source-column to drop it)"
+        )
+    return value, True
+
+
 def _dedup_key(row: dict[str, Any]) -> bytes:
     image_digest = hashlib.sha256(row["image"]["bytes"]).digest()
     return hashlib.sha256(row["problem"].encode("utf-8") + b"\0" + image_digest).digest()
 
 
 def _checked_rows(
-    inputs: list[MergeInput], counts: dict[str, SourceCounts], report: DropReport, dedup: bool, batch_size: int
+    inputs: list[MergeInput],
+    counts: dict[str, SourceCounts],
+    report: DropReport,
+    dedup: bool,
+    batch_size: int,
+    source_column: bool,
+    kept_sources: Counter,
 ) -> Iterator[tuple[Key, str, dict[str, Any]]]:
-    """Every input row that passes the checks (and dedup), as ``(key, source name, DDM row)``; tallies the rest."""
+    """Every input row that passes the checks (and dedup), as ``(key, input name, DDM row)``; tallies the rest.
+
+    With ``source_column`` each row also gets its ``source`` value; ``kept_sources`` counts,
+    per input name, the rows that came with their own.
+    """
     seen: set[bytes] = set()
-    for key, item, record in _input_rows(inputs, batch_size):
+    for key, item, record in _input_rows(inputs, batch_size, source_column):
         tally = counts[item.name]
         tally.rows += 1
         try:
@@ -124,6 +162,10 @@ def _checked_rows(
                 tally.duplicate += 1
                 continue
             seen.add(digest)
+        if source_column:
+            row[SOURCE_COLUMN], came_with_row = _source_of(item, record)
+            if came_with_row:
+                kept_sources[item.name] += 1
         yield key, item.name, row
 
 
@@ -153,18 +195,25 @@ def merge(
     seed: int = 0,
     batch_size: int = 256,
     bucket_rows: int | None = None,
+    source_column: bool = False,
+    kept_sources: Counter | None = None,
 ) -> None:
     """Write the merged file, tallying into ``counts`` (one entry per source name) and ``report`` (invalid rows).
 
-    ``bucket_rows`` (shuffle only) is the most rows held in memory at once; by default
-    ``max(batch_size, ceil(rows / MAX_BUCKETS))``. Raises :class:`EmptyOutput` when no row is left.
+    ``source_column`` writes the ``source`` column (``--source-column``); ``kept_sources``
+    then counts, per input name, the rows that kept the source value they came with
+    (rows later over a ``--cap`` included). ``bucket_rows`` (shuffle only) is the most
+    rows held in memory at once; by default ``max(batch_size, ceil(rows / MAX_BUCKETS))``.
+    Raises :class:`EmptyOutput` when no row is left.
     """
     caps = caps or {}
+    kept_sources = Counter() if kept_sources is None else kept_sources
     for item in inputs:
         check_fields(Source(files=(item.path,)), COLUMNS, "DDM")
-    rows = progress_bar(_checked_rows(inputs, counts, report, dedup, batch_size), total=None, desc=NAME)
+    checked = _checked_rows(inputs, counts, report, dedup, batch_size, source_column, kept_sources)
+    rows = progress_bar(checked, total=None, desc=NAME)
     if not shuffle:
-        with MCQParquetWriter(out, batch_rows=batch_size) as writer:
+        with MCQParquetWriter(out, batch_rows=batch_size, source_column=source_column) as writer:
             for _, name, row in rows:
                 tally = counts[name]
                 if name in caps and tally.written >= caps[name]:
@@ -185,19 +234,24 @@ def merge(
         raise EmptyOutput(f"{out}: no rows to write; nothing written")
     position = {key: index for index, key in enumerate(order)}
     bucket_rows = bucket_rows or max(batch_size, math.ceil(len(order) / MAX_BUCKETS))
-    _write_shuffled(inputs, out, position, bucket_rows, batch_size)
+    _write_shuffled(inputs, out, position, bucket_rows, batch_size, source_column)
 
 
 def _write_shuffled(
-    inputs: list[MergeInput], out: Path, position: dict[Key, int], bucket_rows: int, batch_size: int
+    inputs: list[MergeInput],
+    out: Path,
+    position: dict[Key, int],
+    bucket_rows: int,
+    batch_size: int,
+    source_column: bool,
 ) -> None:
     """Pass 2 spills each chosen row to the bucket of its output position; pass 3 sorts and writes each bucket."""
-    schema = mcq_arrow_schema().append(pa.field("position", pa.int64()))
+    schema = mcq_arrow_schema(source_column=source_column).append(pa.field("position", pa.int64()))
     out.parent.mkdir(parents=True, exist_ok=True)
     spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.shuffle-", dir=out.parent))
     writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     try:
-        for key, _, record in _input_rows(inputs, batch_size):
+        for key, item, record in _input_rows(inputs, batch_size, source_column):
             where = position.get(key)
             if where is None:
                 continue
@@ -205,10 +259,12 @@ def _write_shuffled(
             if bucket not in writers:
                 writers[bucket] = pa.ipc.new_stream(str(spill / f"{bucket}.arrow"), schema)
             row = {**_as_mcq_row(record), "position": where}
+            if source_column:
+                row[SOURCE_COLUMN] = _source_of(item, record)[0]
             writers[bucket].write_batch(pa.RecordBatch.from_pylist([row], schema=schema))
         for writer in writers.values():
             writer.close()
-        with MCQParquetWriter(out, batch_rows=batch_size) as output:
+        with MCQParquetWriter(out, batch_rows=batch_size, source_column=source_column) as output:
             for bucket in sorted(writers):
                 with pa.memory_map(str(spill / f"{bucket}.arrow")) as source:
                     table = pa.ipc.open_stream(source).read_all().sort_by("position")
@@ -235,10 +291,12 @@ def summary_lines(counts: dict[str, SourceCounts]) -> list[str]:
     ]
 
 
-def _print_summary(counts: dict[str, SourceCounts], report: DropReport) -> None:
+def _print_summary(counts: dict[str, SourceCounts], report: DropReport, kept_sources: Counter) -> None:
     print("\n".join(summary_lines(counts)))
     if report.dropped:
         print("\n".join(["invalid rows:", *report.lines()[1:]]))
+    for name, number in kept_sources.items():
+        print(f"source column: {number} rows of {name} kept the source value they came with")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--shuffle", action="store_true", help="random output order (and random capped subsets)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
+    parser.add_argument(
+        "--source-column",
+        action="store_true",
+        help="also write a string column 'source': each row's source NAME (a row that has one keeps its own)",
+    )
     parser.add_argument(
         "--batch-size",
         type=positive_int,
@@ -286,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cap names unknown source(s) {', '.join(unknown)}; sources are {', '.join(sorted(names))}")
     counts = {item.name: SourceCounts() for item in args.inputs}
     report = DropReport(NAME)
+    kept_sources: Counter = Counter()
     try:
         merge(
             args.inputs,
@@ -297,15 +361,17 @@ def main(argv: list[str] | None = None) -> int:
             shuffle=args.shuffle,
             seed=args.seed,
             batch_size=args.batch_size,
+            source_column=args.source_column,
+            kept_sources=kept_sources,
         )
     except (SchemaError, InputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except EmptyOutput:
-        _print_summary(counts, report)
+        _print_summary(counts, report, kept_sources)
         print(f"error: merge: no rows left; nothing written to {args.out}", file=sys.stderr)
         return 2
-    _print_summary(counts, report)
+    _print_summary(counts, report, kept_sources)
     print(f"wrote {sum(c.written for c in counts.values())} rows to {args.out}")
     return 0
 

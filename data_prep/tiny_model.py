@@ -79,11 +79,14 @@ class TinySpec:
     vision_hidden_size: int
     vision_depth: int
     vision_heads: int
-    image_side: int  # pixel budget image_side ** 2: square images become image_side x image_side
+    image_side: int  # side of the square images it is made for; without min/max_pixels, every image gets this area
     patch_size: int = 14
+    min_pixels: int | None = None  # the image processor's pixel range (None: image_side ** 2, a fixed budget)
+    max_pixels: int | None = None
 
     @property
     def image_tokens(self) -> int:
+        """Tokens of an ``image_side`` square image (cells of patch_size * 2 pixels)."""
         return (self.image_side // self.patch_size // 2) ** 2
 
 
@@ -92,6 +95,9 @@ SIZES = {
     "tiny": TinySpec(64, 2, 4, 2, 128, 32, 2, 2, image_side=56),
     # benchmarks: hidden 256, 4 layers, 64 image tokens per image
     "small": TinySpec(256, 4, 4, 2, 512, 64, 2, 2, image_side=224),
+    # the tiny model with Qwen2.5-VL-7B-Instruct's image processor (its preprocessor_config.json): images keep
+    # their size up to 12845056 pixels (16384 tokens), so a 1024x768 image costs 999 tokens, as with the real model
+    "tiny-7b-vision": TinySpec(64, 2, 4, 2, 128, 32, 2, 2, image_side=56, min_pixels=3136, max_pixels=12845056),
 }
 
 
@@ -166,12 +172,17 @@ def build_tokenizer(extra_words: list[str] = (), *, system_prompt_words: bool = 
 
 
 def build_image_processor(spec: TinySpec):
-    """Qwen2-VL's PIL image processor with a fixed pixel budget: a square image gives ``spec.image_tokens`` tokens."""
+    """Qwen2-VL's PIL image processor: ``spec``'s pixel range (default a fixed budget, ``spec.image_tokens`` tokens
+    for a square image), patches of ``spec.patch_size`` merged 2 x 2, and Qwen2.5-VL's normalisation (OpenAI CLIP's
+    mean and std, as in Qwen2.5-VL-7B-Instruct's preprocessor_config.json)."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     pixels = spec.image_side * spec.image_side
+    size = {"shortest_edge": spec.min_pixels or pixels, "longest_edge": spec.max_pixels or pixels}
     return Qwen2VLImageProcessorPil(
-        size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2
+        size=size, patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
     )
 
 

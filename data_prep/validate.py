@@ -4,7 +4,10 @@ Every row goes through the checks the data module applies, from
 ``dapo_lightning/data/rows.py``: the image decodes to RGB, the problem is not empty and
 has ``X: option`` lines, and the solution is one letter A-J that is among them.
 The schema must have ``image``, ``problem`` and ``solution``, with ``image`` as
-``datasets.Image`` stores it (``struct<bytes, path>``), raw bytes, or a path.
+``datasets.Image`` stores it (``struct<bytes, path>``), raw bytes, or a path. The
+optional ``source`` column (``merge --source-column``) must be a string column;
+when it is there the summary also counts rows per source (a missing value is
+listed as ``(none)``, not counted unusable: the row still trains).
 
 Prints a summary (rows, unusable rows by reason with the first few, solution
 letters, options per problem, image sizes) and exits 0 when every row is usable,
@@ -27,7 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dapo_lightning.data import rows as mcq
+from dapo_lightning.data_prep.io import SOURCE_COLUMN
 from dapo_lightning.data_prep.pipeline import positive_int, progress_bar
+
+NO_SOURCE = "(none)"  # how rows per source lists a row whose source is null or empty
 
 
 @dataclass
@@ -43,6 +49,8 @@ class Summary:
     smallest: tuple[int, int] | None = None  # (min width, min height) over usable rows
     largest: tuple[int, int] | None = None
     schema_notes: list[str] = field(default_factory=list)
+    sources: Counter | None = None  # source value -> rows (usable or not); None: the file has no source column
+    unusable_sources: Counter = field(default_factory=Counter)  # source value -> unusable rows
 
     @property
     def usable(self) -> int:
@@ -55,6 +63,12 @@ class Summary:
     def lines(self) -> list[str]:
         lines = [f"{self.path}: {self.rows} rows, {self.usable} usable, {self.rows - self.usable} unusable"]
         lines.extend(f"  note: {note}" for note in self.schema_notes)
+        if self.sources is not None:
+            per_source = []
+            for name, number in sorted(self.sources.items()):
+                unusable = self.unusable_sources[name]
+                per_source.append(f"{name} {number}" + (f" ({unusable} unusable)" if unusable else ""))
+            lines.append("  rows per source: " + ", ".join(per_source))
         for kind, number in self.bad.most_common():
             lines.append(f"  unusable {number}: {kind}")
             lines.extend(f"    e.g. {example}" for example in self.examples[kind])
@@ -102,6 +116,13 @@ def check_schema(path: Path) -> list[str]:
         column_type = schema.field(name).type
         if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
             raise SchemaProblem(f"{path}: column {name} has type {column_type}; expected string")
+    if SOURCE_COLUMN in schema.names:
+        source_type = schema.field(SOURCE_COLUMN).type
+        if not (pa.types.is_string(source_type) or pa.types.is_large_string(source_type)):
+            raise SchemaProblem(
+                f"{path}: column {SOURCE_COLUMN} has type {source_type}; expected string "
+                "(the source name of each row, as merge --source-column writes it)"
+            )
     notes = []
     metadata = json.loads((schema.metadata or {}).get(b"huggingface", b"{}") or b"{}")
     image_feature = metadata.get("info", {}).get("features", {}).get("image", {})
@@ -114,15 +135,25 @@ def validate(path: Path, *, batch_size: int = 256, examples_per_reason: int = 3)
     """Check every row of ``path``; raises :class:`SchemaProblem` for a file that is not DDM at all."""
     summary = Summary(path, schema_notes=check_schema(path))
     parquet = pq.ParquetFile(path)
-    batches = parquet.iter_batches(batch_size=batch_size, columns=list(mcq.COLUMNS))
+    columns = list(mcq.COLUMNS)
+    if SOURCE_COLUMN in parquet.schema_arrow.names:
+        columns.append(SOURCE_COLUMN)
+        summary.sources = Counter()
+    batches = parquet.iter_batches(batch_size=batch_size, columns=columns)
     rows = (row for batch in batches for row in batch.to_pylist())
     for index, row in enumerate(progress_bar(rows, total=parquet.metadata.num_rows, desc="validate")):
         summary.rows += 1
+        source = None
+        if summary.sources is not None:
+            source = row[SOURCE_COLUMN] if row[SOURCE_COLUMN] and row[SOURCE_COLUMN].strip() else NO_SOURCE
+            summary.sources[source] += 1
         try:
             letter = mcq.check_text(row["problem"], row["solution"], source=str(path), row=index, require_options=True)
             image = mcq.decode_image(row["image"], source=str(path), row=index)
         except mcq.BadRow as bad:
             summary.bad[bad.kind] += 1
+            if source is not None:
+                summary.unusable_sources[source] += 1
             shown = summary.examples.setdefault(bad.kind, [])
             if len(shown) < examples_per_reason:
                 shown.append(str(bad))

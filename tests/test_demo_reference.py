@@ -22,6 +22,10 @@ import torch
 from tests.reference.demo_fingerprint import REFERENCES, STEPS, fingerprint, markdown_digests, run, scalars
 
 
+# scalars logged since the recording, on purpose (issue 12: images the data module shrank to fit the prompt limit)
+ADDED_SINCE = {"train/resized_rows"}
+
+
 def assert_same_tensors(actual: dict, expected: dict) -> None:
     assert sorted(actual) == sorted(expected)
     for name, values in expected.items():
@@ -48,7 +52,7 @@ def test_every_callback_run_ends_with_the_recorded_parameters_scalars_and_logs(t
     run_folder = run("every_callback", tmp_path)
     assert_same_tensors(fingerprint(run_folder / "final"), reference["tensors"])
     logged = scalars(run_folder)
-    assert sorted(logged) == sorted(reference["scalars"])
+    assert sorted(set(logged) - ADDED_SINCE) == sorted(reference["scalars"])
     for tag, points in reference["scalars"].items():
         torch.testing.assert_close(torch.tensor(logged[tag], dtype=torch.float64),
                                    torch.tensor(points, dtype=torch.float64), rtol=1e-5, atol=1e-6,

@@ -310,3 +310,41 @@ def test_processes_with_fewer_micro_batches_back_propagate_zeros(tmp_path, tiny_
         grads.append(capture.grads)
     for name, grad in grads[0].items():
         assert torch.equal(grads[1][name], grad), name
+
+
+class CountRollouts(RolloutCallback):
+    def __init__(self):
+        self.old_logps = []
+
+    def on_rollout_scored(self, trainer, pl_module, rollout):
+        if rollout.stage == "train":
+            self.old_logps.append(rollout.old_logps is not None)
+
+
+def test_steps_per_generation_takes_several_optimizer_steps_per_rollout(tmp_path, tiny_model_dir, synthetic_parquet):
+    counter = CountRollouts()
+    module = make_module(tiny_model_dir, rewards=("tests.test_module.text_length",),
+                         optim=OptimConfig(learning_rate=1e-3, steps_per_generation=2))
+    trainer = fit(tmp_path, module, synthetic_parquet, tiny_model_dir, steps=4, callbacks=[counter])
+    # max_steps counts optimizer steps: 2 rollouts of 2 mini-batch steps; after the first step the policy has
+    # moved, so the sampling policy's log-probs were kept for the second
+    assert trainer.global_step == 4 and counter.old_logps == [True, True]
+    with pytest.raises(ValueError, match="model.optim.steps_per_generation: at most model.rollout.num_generations=4"):
+        make_module(tiny_model_dir, optim=OptimConfig(steps_per_generation=5))
+
+
+def test_masked_truncated_completions_do_not_train(tmp_path, tiny_model_dir, synthetic_parquet):
+    """One token and EOS suppressed before it: every completion is truncated. Masked, nothing trains; unmasked, it
+    does (the token's text length varies, so the advantages are not zero)."""
+    before = {k: v.clone() for k, v in load_policy(str(tiny_model_dir)).state_dict().items()}
+    for masked in (True, False):
+        module = DAPOModule(
+            policy=PolicyConfig(model_name_or_path=str(tiny_model_dir)),
+            rollout=RolloutConfig(num_generations=4, max_completion_length=1, min_completion_length=1),
+            rewards=RewardConfig(reward_funcs=["tests.test_module.text_length"]),
+            loss=LossConfig(mask_truncated_completions=masked),
+            optim=OptimConfig(learning_rate=1e-2, weight_decay=0.0),
+        )
+        fit(tmp_path / str(masked), module, synthetic_parquet, tiny_model_dir, steps=2)
+        changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
+        assert (changed == []) is masked, changed[:3]

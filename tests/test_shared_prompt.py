@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -22,8 +24,17 @@ from tests.test_module import GradientCapture, fit, make_module
         SamplingSettings(num_generations=1, max_new_tokens=8, greedy=True),
         SamplingSettings(num_generations=4, max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=20),
         SamplingSettings(num_generations=2, max_new_tokens=6, min_new_tokens=6),
+        # the tiny model's next-token distributions are nearly flat: temperature 0.3 lets min-p and the penalty bite
+        SamplingSettings(num_generations=4, max_new_tokens=8, temperature=0.3, min_p=0.5),
+        SamplingSettings(num_generations=4, max_new_tokens=8, temperature=0.3, repetition_penalty=1.3),
+        SamplingSettings(num_generations=4, max_new_tokens=8, temperature=0.3, repetition_penalty=0.8),
+        # greedy with a strong penalty: fails if the left padding or the prompt were counted wrongly
+        SamplingSettings(num_generations=1, max_new_tokens=8, greedy=True, repetition_penalty=3.0),
+        SamplingSettings(num_generations=4, max_new_tokens=8, temperature=0.3, top_k=20, top_p=0.9, min_p=0.3,
+                         repetition_penalty=1.2, min_new_tokens=8),
     ],
-    ids=["greedy", "sampled", "min-length"],
+    ids=["greedy", "sampled", "min-length", "min-p", "repetition-penalty", "repetition-reward", "greedy-penalty",
+         "everything"],
 )
 def test_shared_generation_samples_exactly_what_generate_samples(policy, processor, prompt_batch, settings):
     token_ids = TokenIds.from_tokenizer(processor.tokenizer, policy.generation_config)
@@ -37,6 +48,11 @@ def test_shared_generation_samples_exactly_what_generate_samples(policy, process
     assert shared.completions == reference.completions
     if settings.min_new_tokens:
         assert (shared.completion_mask.sum(-1) == settings.min_new_tokens).all()
+    if settings.min_p or settings.repetition_penalty != 1.0:  # the setting changed what was sampled
+        torch.manual_seed(0)
+        off = generate_shared(policy, prompt_batch, processor.tokenizer,
+                              replace(settings, min_p=0.0, repetition_penalty=1.0), token_ids)
+        assert not torch.equal(off.completion_ids, shared.completion_ids)
 
 
 def test_repeated_prompt_layer_is_repeat_then_concatenate_without_the_copies():
@@ -106,8 +122,13 @@ class OldLogps(GradientCapture, RolloutCallback):
             super().on_before_optimizer_step(trainer, module, optimizer)
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_a_training_step_is_the_same_with_and_without_sharing(tmp_path, tiny_model_dir, synthetic_parquet, level):
+@pytest.mark.parametrize(
+    "level, sampling",
+    [("token", {}), ("sequence", {}), ("token", {"temperature": 0.3, "min_p": 0.3, "repetition_penalty": 1.3})],
+    ids=["token", "sequence", "min-p-and-repetition-penalty"],
+)
+def test_a_training_step_is_the_same_with_and_without_sharing(tmp_path, tiny_model_dir, synthetic_parquet, level,
+                                                              sampling):
     """Same samples, same old log-probs (teacher-forced pass), same first gradient, micro-batches splitting groups."""
     captures = []
     for shared in (False, True):
@@ -115,7 +136,7 @@ def test_a_training_step_is_the_same_with_and_without_sharing(tmp_path, tiny_mod
         module = make_module(tiny_model_dir, rewards=("tests.test_module.text_length",),
                              loss=LossConfig(importance_sampling_level=level),
                              optim=OptimConfig(learning_rate=1e-2, num_iterations=2, micro_batch_size=6))
-        module.rollout_cfg = RolloutConfig(num_generations=4, max_completion_length=3, shared_prompt=shared)
+        module.rollout_cfg = RolloutConfig(num_generations=4, max_completion_length=3, shared_prompt=shared, **sampling)
         fit(tmp_path / f"{shared}", module, synthetic_parquet, tiny_model_dir, steps=1, callbacks=[capture])
         captures.append(capture)
     full, shared = captures

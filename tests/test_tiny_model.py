@@ -86,3 +86,18 @@ def test_processor_loads_from_a_saved_folder_without_video_processor(tiny_model_
     processor = load_processor(str(tiny_model_dir))
     assert not hasattr(processor, "video_processor") or processor.video_processor is None
     assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+
+
+def test_the_7b_vision_size_has_qwen25_vl_7b_image_settings(tmp_path):
+    folder = build_tiny_model(tmp_path / "tiny-7b-vision", size="tiny-7b-vision")
+    image_processor = load_processor(str(folder)).image_processor  # the hub loading path
+    # Qwen2.5-VL-7B-Instruct's preprocessor_config.json
+    assert (image_processor.patch_size, image_processor.temporal_patch_size, image_processor.merge_size) == (14, 2, 2)
+    assert (image_processor.size["shortest_edge"], image_processor.size["longest_edge"]) == (3136, 12845056)
+    assert list(image_processor.image_mean) == [0.48145466, 0.4578275, 0.40821073]
+    assert list(image_processor.image_std) == [0.26862954, 0.26130258, 0.27577711]
+    # images keep their size: 1024 x 768 -> 1036 x 756 (37 x 27 cells of 28 px) = 74 x 54 patches -> 999 tokens
+    out = image_processor(images=[Image.new("RGB", (1024, 768))], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 54, 74]]
+    assert out["pixel_values"].shape == (54 * 74, 3 * 2 * 14 * 14)
+    assert load_policy(str(folder)).config.vision_config.patch_size == 14

@@ -1,10 +1,14 @@
 """The original system's attention collection, kept as the reference the recorders are tested and benchmarked against.
 
-The original collected SPEC 3's generation rows step by step from
+The original collected its rows step by step from
 ``generate(output_attentions=True, return_dict_in_generate=True)``: every decode step's
 attention of every layer and head (memory O(L·H·T·(P+T)) per row, eager attention while
-generating). This project records the same numbers with ``recorders.py``; this module
-reproduces the original way for ``tests/attention`` and ``benchmarks/attention_overhead.py``.
+generating). It also kept the decode steps ``generate`` runs for a row after that row's EOS
+(padding steps), which inflated A_T for short rows (SPEC 3); this reference keeps only SPEC
+3's generation rows (the queries at the completion's own tokens but its last), the
+intended behaviour, which ``recorders.py`` records without the memory. This module
+reproduces the original way of collecting, so restricted, for ``tests/attention`` and
+``benchmarks/attention_overhead.py``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """``PromptCollator``: dataset rows -> one ``PromptBatch`` of encoded ChatML prompts (SPEC section 1).
 
 Each row goes through three steps: prepare (``rows.check_text``, no tokenizer special
-tokens in the problem, ``rows.decode_image``, the chat template), encode (the processor,
-on the whole batch at once) and the length check (``data.max_prompt_length``). A row that
-fails a step is an error (``data.on_bad_row=error``) or is dropped; in training the next
-usable row of the dataset takes its place, so every process keeps full batches and DDP's
-processes stay in step. :class:`_Refill` holds that drop-and-refill bookkeeping for one
-batch; the rows left after a drop are encoded again with their replacements.
+tokens in the problem, ``rows.decode_image``, the chat template, and with
+``data.fit_images_to_prompt`` the image shrunk as little as needed for the prompt to fit
+``data.max_prompt_length``: ``data/image_fit.py``), encode (the processor, on the whole batch
+at once) and the length check (``data.max_prompt_length``). A row that fails a step is an
+error (``data.on_bad_row=error``) or is dropped; in training the next usable row of the
+dataset takes its place, so every process keeps full batches and DDP's processes stay in
+step. :class:`_Refill` holds that drop-and-refill bookkeeping for one batch; the rows left
+after a drop are encoded again with their replacements.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 
 from dapo_lightning.batch import PromptBatch
 from dapo_lightning.data import rows as mcq
+from dapo_lightning.data.image_fit import ImageGrid, shrink_to_fit
 from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages, special_token_strings, special_tokens_in
 
 
@@ -26,8 +29,9 @@ class _Prepared(NamedTuple):
     """One row ready for the processor."""
 
     text: str  # the rendered chat template
-    image: Image.Image  # RGB, fits max_image_side
+    image: Image.Image  # RGB, fits max_image_side (and, when fitted, the prompt's token budget)
     row: dict[str, Any]  # the dataset row ("_index" included), its solution upper-cased and stripped
+    resized: bool = False  # the image was shrunk for the prompt to fit max_prompt_length
 
 
 class _Refill:
@@ -85,7 +89,10 @@ class PromptCollator:
     A row is unusable when its text fails ``mcq.check_text``, its problem holds one of the
     tokenizer's special tokens (``prompts.special_tokens_in``), its image cannot be decoded
     (``mcq.decode_image``), the processor cannot encode it (tried alone when a batch fails,
-    e.g. an image with an aspect ratio above 200), or its prompt is too long.
+    e.g. an image with an aspect ratio above 200), or its prompt is too long: with
+    ``fit_images_to_prompt`` (the default), too long even with its image shrunk to the fewest
+    tokens the processor allows; a row whose image had to shrink is counted in the batch's
+    ``num_resized``.
     With ``on_bad_row="error"`` an unusable row raises ``BadRow`` naming the file and row.
     With ``"skip"`` it is dropped and counted; when ``refill_from`` is given (training),
     the next usable row of that dataset takes its place, so every process keeps full
@@ -103,6 +110,7 @@ class PromptCollator:
         max_prompt_length: int | None,
         on_bad_row: str,
         refill_from: Dataset | None = None,
+        fit_images_to_prompt: bool = True,
     ):
         self.processor = processor
         self.source = source
@@ -111,8 +119,12 @@ class PromptCollator:
         self.max_prompt_length = max_prompt_length
         self.on_bad_row = on_bad_row
         self.refill_from = refill_from
+        self.fit_images_to_prompt = fit_images_to_prompt
         self._bad: set[int] = set()  # rows known to be unusable (not retried as replacements)
         self._special = special_token_strings(getattr(processor, "tokenizer", None))
+        self._grid: ImageGrid | None = None  # the processor's image rules (image_fit.py)
+        if fit_images_to_prompt and max_prompt_length is not None:
+            self._grid = ImageGrid.of(processor)  # a processor without them is a configuration error: said at once
 
     def __call__(self, rows: list[dict[str, Any]]) -> PromptBatch:
         refill = _Refill(rows, on_bad_row=self.on_bad_row, refill_from=self.refill_from, known_bad=self._bad)
@@ -152,7 +164,39 @@ class PromptCollator:
         text = self.processor.apply_chat_template(
             build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
         )
-        return _Prepared(text, image, {**row, "solution": solution})
+        fitted = image
+        if self.fit_images_to_prompt and self.max_prompt_length is not None:
+            fitted = self._fit(image, text, index)
+        return _Prepared(text, fitted, {**row, "solution": solution}, resized=fitted is not image)
+
+    def _fit(self, image: Image.Image, text: str, index: int) -> Image.Image:
+        """``image``, shrunk as little as needed for the prompt ``text`` to fit ``max_prompt_length`` (``image_fit``).
+
+        The budget is ``max_prompt_length`` minus the prompt's text tokens, counted by the
+        tokenizer the processor uses, its image placeholder excluded (the processor replaces it
+        with one token per cell). A prompt too long even with the fewest image tokens is a ``BadRow``.
+        """
+        if self._grid is None:
+            self._grid = ImageGrid.of(self.processor)
+        ids = self.processor.tokenizer(text)["input_ids"]
+        placeholder = getattr(self.processor, "image_token_id", None)
+        text_tokens = len(ids) - ids.count(placeholder)
+        limit = self.max_prompt_length
+        try:
+            fitted = shrink_to_fit(image, self._grid, limit - text_tokens)
+        except ValueError as error:  # smart_resize's aspect-ratio limit: the processor would refuse the image too
+            raise mcq.BadRow(self.source, index, f"the processor cannot encode it ({type(error).__name__}: {error})",
+                             mcq.UNENCODABLE) from error
+        if fitted is None:
+            rows, columns = self._grid.fewest(image.height, image.width)
+            raise mcq.BadRow(
+                self.source, index,
+                f"prompt has {text_tokens} text tokens and at least {rows * columns} image tokens (the "
+                f"{image.width}x{image.height} image shrunk to {columns}x{rows} cells of {self._grid.factor} px), "
+                f"{text_tokens + rows * columns} in all, more than data.max_prompt_length={limit}",
+                mcq.PROMPT_TOO_LONG,
+            )
+        return fitted
 
     def _encode(self, prepared: list[_Prepared], refill: _Refill) -> tuple[list[_Prepared], Any]:
         """Encode ``prepared`` as one batch.
@@ -192,7 +236,8 @@ class PromptCollator:
         limit = self.max_prompt_length
         return {
             position: mcq.BadRow(self.source, item.row["_index"],
-                                 f"prompt has {n} tokens, more than data.max_prompt_length={limit}")
+                                 f"prompt has {n} tokens, more than data.max_prompt_length={limit}",
+                                 mcq.PROMPT_TOO_LONG)
             for position, (item, n) in enumerate(zip(prepared, lengths))
             if limit is not None and n > limit
         }
@@ -210,6 +255,7 @@ class PromptCollator:
             prompts=[item.text for item in kept],
             columns=columns,
             index=[r["_index"] for r in rows],
+            num_resized=sum(item.resized for item in kept),
         )
 
 

@@ -5,6 +5,8 @@ undecoded by :class:`VisualMCQDataset`; the collator (``data/collate.py``) check
 with the same rules as ``python -m dapo_lightning.data_prep validate`` (``data/rows.py``),
 turns their images into RGB images that fit ``max_image_side``, wraps them in the ChatML
 prompt (SPEC section 1) and encodes them with the policy's processor into a ``PromptBatch``.
+A prompt that would exceed ``max_prompt_length`` has its image shrunk, as little as the row's
+text allows (``data/image_fit.py``), rather than being lost or cut (``fit_images_to_prompt``).
 
 Training prompts are shuffled by ``ResumableShuffleSampler`` (``data/samplers.py``), in the orders
 Lightning would use (``RandomSampler`` on one process, a seeded per-rank shard under
@@ -81,6 +83,7 @@ class VisualMCQDataModule(LightningDataModule):
         eval_limit: int | None = None,
         num_workers: int = 0,
         max_prompt_length: int | None = None,
+        fit_images_to_prompt: bool = True,
         on_bad_row: Literal["error", "skip"] = "error",
         build_synthetic_if_missing: SyntheticData | dict | None = None,
     ):
@@ -100,7 +103,9 @@ class VisualMCQDataModule(LightningDataModule):
             eval_batch_size: Prompts per validation batch (default: ``batch_size``).
             eval_limit: Use at most this many held-out questions.
             num_workers: DataLoader worker processes.
-            max_prompt_length: Rows whose encoded prompt is longer are an error (or skipped).
+            max_prompt_length: Most tokens of an encoded prompt (text + image); longer rows are an error (or skipped).
+            fit_images_to_prompt: Shrink an image just enough for its prompt to fit ``max_prompt_length`` (Qwen's 28-px
+                grid, aspect ratio kept) and count it (``train/resized_rows``); false: such rows are too long.
             on_bad_row: ``error`` stops at the first unusable row, naming it; ``skip`` drops and counts such rows.
             build_synthetic_if_missing: When ``train_path`` does not exist, write synthetic questions there first.
         """
@@ -185,6 +190,7 @@ class VisualMCQDataModule(LightningDataModule):
             system_prompt=self.hparams.system_prompt,
             max_image_side=self.hparams.max_image_side,
             max_prompt_length=self.hparams.max_prompt_length,
+            fit_images_to_prompt=self.hparams.fit_images_to_prompt,
             on_bad_row=self.hparams.on_bad_row,
             refill_from=refill_from,
         )

@@ -34,6 +34,7 @@ ANSWER_NOT_AMONG_OPTIONS = "answer not among options"
 IMAGE_TOO_LARGE = "image too large"
 CONTROL_TOKEN = "special token in text"
 UNENCODABLE = "processor cannot encode"
+PROMPT_TOO_LONG = "prompt too long"
 
 
 class BadRow(ValueError):

@@ -1,15 +1,15 @@
 """Format reward: 1.0 for ``<think>...</think>`` followed by ``<answer>...</answer>`` (SPEC section 2).
 
-SPEC section 2: "1 when the text starts with ``<think>``, has no second
-``<think>``, closes ``</think>``, and contains ``<answer>...</answer>``". The
-original TRL reward (``think_format_reward``) is the regex
-``^<think>(?!.*<think>)(.*?)</think>.*$`` (dotall) plus the answer tags. Written
-here with ``str.find`` it takes linear time on any input.
+SPEC section 2: "1 when the text, leading and trailing whitespace stripped (as the
+original's later code does), starts with ``<think>``, has no second ``<think>``, closes
+``</think>``, and contains ``<answer>...</answer>`` after it". The original TRL reward
+(``think_format_reward``) is the regex ``^<think>(?!.*<think>)(.*?)</think>.*$`` (dotall)
+plus the answer tags. Written here with ``str.find`` it takes linear time on any input.
+Stripping first means a chat template or decoder that puts a newline before ``<think>``
+does not cost the format reward.
 
 Choices where the SPEC leaves room (each pinned by a test):
 
-- Leading whitespace is ignored: a chat template or decoder that puts a newline
-  before ``<think>`` does not cost the format reward.
 - The answer must come after the first ``</think>``: an answer inside the
   reasoning is not the final answer the prompt asks for.
 - ``<answer></answer>`` (empty) has the tags, so it counts; the accuracy reward
@@ -28,8 +28,8 @@ _THINK, _END_THINK, _ANSWER, _END_ANSWER = "<think>", "</think>", "<answer>", "<
 
 
 def is_well_formed(text: str) -> bool:
-    """The four conditions of SPEC section 2's format reward, in order."""
-    body = text.lstrip()
+    """The four conditions of SPEC section 2's format reward, in order, on the stripped text."""
+    body = text.strip()
     if not body.startswith(_THINK):
         return False
     after_open = body[len(_THINK) :]

@@ -199,3 +199,135 @@ def test_a_failure_while_shuffling_leaves_the_previous_output_and_no_spill_files
         cli("merge", *(item.path for item in inputs), "--shuffle", "--out", out)
     assert out.read_bytes() == b"last week's merge"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.parquet", "s0.parquet", "s1.parquet"]
+
+
+# ------------------------------------------------------------- --source-column
+
+
+def _sourced(path, rows, schema=None):
+    """A DDM file that already has a ``source`` column (as an earlier ``--source-column`` merge leaves it)."""
+    cells = [{"image": {"bytes": image, "path": None}, "problem": p, "solution": s, "source": src}
+             for image, p, s, src in rows]
+    table = pa.Table.from_pylist(cells, schema=schema or mcq_arrow_schema(source_column=True))
+    pq.write_table(table, path)
+    return path
+
+
+def test_without_source_column_a_merge_of_one_file_is_that_file_byte_for_byte(cli, tmp_path):
+    # The flag is off by default and the output is what merge always wrote: same schema, rows, row groups.
+    rows = [(RED, _problem("P0"), "A"), (GREEN, _problem("P1"), "B"), (BLUE, _problem("P2"), "C")]
+    a = _ddm(tmp_path / "a.parquet", rows)  # row groups of 2
+    out = tmp_path / "merged.parquet"
+    assert cli("merge", a, "--batch-size", 2, "--out", out)[0] == 0
+    assert out.read_bytes() == a.read_bytes()
+
+    # An input's own source column is dropped without the flag, like any extra column.
+    tagged = _sourced(tmp_path / "tagged.parquet", [(RED, _problem("P0"), "A", "aokvqa")])
+    assert cli("merge", tagged, "--out", out)[0] == 0
+    assert pq.read_schema(out) == mcq_arrow_schema()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_source_column_names_each_row_by_its_input(cli, inputs, tmp_path, shuffle):
+    a, b, c = inputs
+    plain, sourced = tmp_path / "plain.parquet", tmp_path / "sourced.parquet"
+    args = [f"aok={a}", f"mm={b}", c, "--dedup", "--cap", "mm=1", *(["--shuffle"] if shuffle else [])]
+    assert cli("merge", *args, "--out", plain)[0] == 0
+    code, stdout, stderr = cli("merge", *args, "--source-column", "--out", sourced)
+    assert code == 0, stderr
+    assert "source column" not in stdout  # no input came with source values
+    assert pq.read_schema(sourced) == mcq_arrow_schema(source_column=True)
+    assert pq.read_schema(sourced).names == ["image", "problem", "solution", "source"]
+    # The same rows in the same order as without the flag, each with its input's name (c: the file's stem).
+    # aok: 4 rows, 1 duplicate; mm: P3 (P0 is a duplicate of aok's, P9 invalid), capped at 1; c: P4, P5.
+    table = pq.read_table(sourced)
+    assert table.drop_columns(["source"]).to_pylist() == read_rows(plain)
+    by_problem = dict(zip(table.column("problem").to_pylist(), table.column("source").to_pylist(), strict=True))
+    assert by_problem == {
+        _problem("P0"): "aok",
+        _problem("P1"): "aok",
+        _problem("P2"): "aok",
+        _problem("P3"): "mm",
+        _problem("P4"): "c",
+        _problem("P5"): "c",
+    }
+
+
+@pytest.mark.parametrize("bucket_rows", [1, 4])
+def test_shuffled_rows_carry_their_own_source_through_the_spill(tmp_path, bucket_rows):
+    inputs = _numbered_inputs(tmp_path, [5, 3, 4])
+    out = tmp_path / "shuffled.parquet"
+    counts = {item.name: SourceCounts() for item in inputs}
+    merge(
+        inputs,
+        out,
+        counts,
+        DropReport("merge"),
+        shuffle=True,
+        seed=5,
+        batch_size=2,
+        bucket_rows=bucket_rows,
+        source_column=True,
+    )
+    rows = read_rows(out)
+    assert len(rows) == 12
+    # problem "Q{i}-{r}" came from input s{i}
+    assert all(row["source"] == "s" + row["problem"].split("-")[0][1:] for row in rows)
+
+
+def test_a_row_keeps_the_source_it_came_with(cli, inputs, tmp_path):
+    """Re-merging a merged file keeps each row's original source; rows without one get the input's name."""
+    a, _, _ = inputs
+    earlier = _sourced(
+        tmp_path / "ddm-v1.parquet",
+        [
+            (RED, _problem("V0"), "A", "aokvqa"),
+            (GREEN, _problem("V1"), "B", "mmmu"),
+            (BLUE, _problem("V2"), "C", None),  # no value, or only blanks: named after the input
+            (BLUE, _problem("V3"), "A", "  "),
+        ],
+    )
+    out = tmp_path / "merged.parquet"
+    code, stdout, _ = cli("merge", f"v1={earlier}", f"new={a}", "--source-column", "--out", out)
+    assert code == 0
+    assert stdout.splitlines()[-2:] == [
+        "source column: 2 rows of v1 kept the source value they came with",
+        f"wrote 8 rows to {out}",
+    ]
+    assert [row["source"] for row in read_rows(out)] == ["aokvqa", "mmmu", "v1", "v1", "new", "new", "new", "new"]
+
+
+def test_a_source_column_that_is_not_text_exits_2_naming_the_row(cli, tmp_path):
+    schema = pa.schema([*(mcq_arrow_schema()), ("source", pa.int64())])
+    rows = [(RED, _problem("P0"), "A", None), (RED, _problem("P1"), "A", 7)]
+    numbered = _sourced(tmp_path / "numbered.parquet", rows, schema=schema)
+    out = tmp_path / "merged.parquet"
+    code, _, stderr = cli("merge", numbered, "--source-column", "--out", out)
+    assert code == 2
+    assert stderr == (
+        f"error: {numbered}: row 1: column source holds int 7; expected a string "
+        "(rename the column, or merge without --source-column to drop it)\n"
+    )
+    assert not out.exists()
+    assert cli("merge", numbered, "--out", out)[0] == 0  # without the flag the column is dropped, as before
+
+
+def test_the_source_column_reaches_the_prompt_batch(cli, tmp_path, tiny_model_dir):
+    """merge --source-column -> validate -> VisualMCQDataModule: every batch carries columns["source"]."""
+    from dapo_lightning.data import VisualMCQDataModule
+
+    first = _ddm(tmp_path / "first.parquet", [(png((28, 28), (255, 0, 0)), _problem(f"F{i}"), "A") for i in range(3)])
+    second = _ddm(tmp_path / "second.parquet", [(png((28, 28), (0, 0, 255)), _problem(f"S{i}"), "B") for i in range(2)])
+    merged = tmp_path / "ddm.parquet"
+    assert cli("merge", f"aokvqa={first}", f"mmmu={second}", "--source-column", "--out", merged)[0] == 0
+    assert cli("validate", merged)[0] == 0
+
+    module = VisualMCQDataModule(train_path=str(merged), eval_path=str(merged), processor=str(tiny_model_dir),
+                                 batch_size=2, eval_batch_size=5)
+    module.setup("fit")
+    batch = next(iter(module.val_dataloader()))
+    assert set(batch.columns) == {"problem", "solution", "source"}
+    assert batch.columns["source"] == ["aokvqa"] * 3 + ["mmmu"] * 2
+    train = next(iter(module.train_dataloader()))
+    expected = {_problem(f"F{i}"): "aokvqa" for i in range(3)} | {_problem(f"S{i}"): "mmmu" for i in range(2)}
+    assert train.columns["source"] == [expected[p] for p in train.columns["problem"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from datasets import Dataset, Image as ImageFeature
+from datasets import Dataset, Features, Image as ImageFeature, Value
 
 from dapo_lightning.data.rows import mcq_features
 from dapo_lightning.data_prep.io import MCQParquetWriter, EmptyOutput, mcq_arrow_schema
@@ -61,4 +61,38 @@ def test_a_row_that_does_not_fit_the_schema_publishes_nothing(tmp_path):
         with MCQParquetWriter(out, batch_rows=2) as writer:
             writer.write(_row(0))
             writer.write({"image": "not a struct", "problem": "Q", "solution": "A"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_optional_source_column_is_a_datasets_string(tmp_path):
+    out = tmp_path / "sourced.parquet"
+    with MCQParquetWriter(out, batch_rows=2, source_column=True) as writer:
+        for index, source in enumerate(["aokvqa", "mmmu", "aokvqa"]):
+            writer.write({**_row(index), "source": source})
+    schema = pq.read_schema(out)
+    assert schema == mcq_arrow_schema(source_column=True)
+    assert schema.names == ["image", "problem", "solution", "source"]
+    assert schema.field("source").type == pa.string()
+
+    dataset = Dataset.from_parquet(str(out))
+    assert dataset.features == Features({**mcq_features(), "source": Value("string")})
+    assert dataset["source"] == ["aokvqa", "mmmu", "aokvqa"]
+    assert dataset[1]["image"].size == (5, 3)
+
+
+def test_without_source_column_a_source_key_is_ignored(tmp_path):
+    out = tmp_path / "plain.parquet"
+    with MCQParquetWriter(out) as writer:
+        writer.write({**_row(0), "source": "aokvqa"})
+    assert pq.read_schema(out) == mcq_arrow_schema()
+
+
+@pytest.mark.parametrize("source", [None, "", " ", 3])
+def test_with_source_column_every_row_needs_a_name(tmp_path, source):
+    out = tmp_path / "out.parquet"
+    row = _row(1) if source is None else {**_row(1), "source": source}
+    with pytest.raises(ValueError, match=rf"out.parquet: row 1: source must be a non-empty string, got {source!r}"):
+        with MCQParquetWriter(out, batch_rows=4, source_column=True) as writer:
+            writer.write({**_row(0), "source": "aokvqa"})
+            writer.write(row)
     assert list(tmp_path.iterdir()) == []

@@ -119,3 +119,46 @@ def test_plain_struct_without_datasets_metadata_is_noted_not_failed(cli, tmp_pat
         stdout.splitlines()[1]
         == "  note: image is not marked as a datasets Image feature (datasets will load it as a plain struct)"
     )
+
+
+def _sourced_file(path, rows, source_type=pa.string()):
+    schema = pa.schema([*mcq_arrow_schema(), ("source", source_type)], metadata=mcq_arrow_schema().metadata)
+    cells = [{"image": {"bytes": image, "path": None}, "problem": p, "solution": s, "source": src}
+             for image, p, s, src in rows]
+    table = pa.Table.from_pylist(cells, schema=schema)
+    pq.write_table(table, path)
+    return path
+
+
+def test_a_source_column_is_counted_per_source(cli, tmp_path):
+    rows = [
+        (RED, TWO, "A", "mmmu"),
+        (GREEN, FOUR, "B", "aokvqa"),
+        (BLUE, FOUR, "D", "mmmu"),
+        (GREEN, TWO, "C", "mmmu"),  # unusable: C is not among A, B
+        (RED, TWO, "B", None),  # no source: listed, but the row still trains
+    ]
+    path = _sourced_file(tmp_path / "sourced.parquet", rows)
+    code, stdout, _ = cli("validate", path)
+    assert code == 2
+    assert stdout.splitlines()[:3] == [
+        f"{path}: 5 rows, 4 usable, 1 unusable",
+        "  rows per source: (none) 1, aokvqa 1, mmmu 3 (1 unusable)",
+        "  unusable 1: answer not among options",
+    ]
+
+    good = _sourced_file(tmp_path / "ok.parquet", [row for row in rows if row[2] != "C"])
+    code, stdout, _ = cli("validate", good)
+    assert code == 0
+    assert stdout.splitlines()[1] == "  rows per source: (none) 1, aokvqa 1, mmmu 2"
+    assert stdout.splitlines()[-1] == "ok"
+
+
+def test_a_source_column_that_is_not_text_is_a_schema_problem(cli, tmp_path):
+    path = _sourced_file(tmp_path / "numbered.parquet", [(RED, TWO, "A", 3)], source_type=pa.int64())
+    code, stdout, stderr = cli("validate", path)
+    assert (code, stdout) == (2, "")
+    assert stderr == (
+        f"error: {path}: column source has type int64; expected string "
+        "(the source name of each row, as merge --source-column writes it)\n"
+    )

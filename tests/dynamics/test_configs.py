@@ -52,7 +52,7 @@ def test_every_yaml_under_configs_is_covered():
     every = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert every == set(TOP_LEVEL) | set(ABLATIONS) | set(STRATEGIES)
     assert {"demo.yaml", "cpu.yaml", *(f"{e}.yaml" for e in EXPERIMENTS)} <= set(TOP_LEVEL)
-    assert len(ABLATIONS) == 11 + 18 and len(STRATEGIES) == 4 and BENCHMARK_OVERLAYS
+    assert len(ABLATIONS) == 12 + 18 and len(STRATEGIES) == 4 and BENCHMARK_OVERLAYS
 
 
 @pytest.mark.parametrize("name", TOP_LEVEL)
@@ -91,13 +91,16 @@ def test_a_config_prints_through_the_cli_entry_point(capsys):
 
 ACC_VGR = ["accuracy", "vgr", "format", "length"]
 HARD = ["accuracy", "vgr_hard_negative", "format", "length"]
-SPEC8 = {  # reward_funcs, reward_weights, early_reward_weights, filter_min_reward, epochs, token weights, LoRA
-    "exp1": (ACC_VGR, [2.5, 0.0, 0.5, 1.0], [1.0, 0.0, 2.0, 1.0], 1.5, 3, False, False),
-    "exp2": (ACC_VGR, [0.0, 2.5, 0.5, 1.0], [0.0, 1.0, 2.0, 1.0], None, 3, False, False),
-    "exp3": (ACC_VGR, [2.5, 1.0, 0.5, 1.0], [1.0, 1.0, 2.0, 1.0], None, 3, False, False),
-    "exp4": (HARD, [2.5, 1.0, 0.5, 1.0], [1.0, 1.0, 2.0, 1.0], 1.0, 1, False, False),
-    "exp5": (ACC_VGR, [2.5, 0.0, 0.5, 1.0], [1.0, 0.0, 2.0, 1.0], None, 3, True, True),
-    "lora": (HARD, [2.5, 1.0, 0.5, 1.0], [1.0, 1.0, 2.0, 1.0], 1.0, 1, False, True),
+# SPEC 8's table: reward_funcs, reward_weights, early_reward_weights, filter_min_reward, epochs, token weights, LoRA,
+# eval generations, prompts per process (TRL's per-device completions x accumulation / 8), completions per
+# forward (TRL's per-device batch), eval batch, prompt / completion length, checkpoint every n steps
+SPEC8 = {
+    "exp1": (ACC_VGR, [2.5, 0.0, 0.5, 1.0], [1.0, 0.0, 2.0, 1.0], 1.5, 2, False, False, 4, 4, 4, 8, 1024, 384, 400),
+    "exp2": (ACC_VGR, [0.0, 2.5, 0.5, 1.0], [0.0, 1.0, 2.0, 1.0], 1.5, 2, False, False, 4, 4, 4, 8, 1024, 384, 400),
+    "exp3": (ACC_VGR, [2.5, 1.0, 0.5, 1.0], [1.0, 1.0, 2.0, 1.0], 1.5, 2, False, False, 4, 4, 4, 8, 1024, 384, 400),
+    "exp4": (HARD, [2.5, 1.0, 0.5, 1.0], [1.0, 1.0, 2.0, 1.0], 1.0, 1, False, False, 4, 4, 4, 8, 1024, 384, 400),
+    "exp5": (ACC_VGR, [2.5, 0.0, 0.5, 1.0], [1.0, 0.0, 2.0, 1.0], 1.5, 1, True, True, 2, 2, 4, 4, 1024, 384, 400),
+    "lora": (HARD, [2.5, 1.0, 0.5, 1.0], [1.0, 1.0, 2.0, 1.0], 1.5, 1, False, True, 2, 1, 1, 4, 2048, 512, 500),
 }
 
 
@@ -108,39 +111,45 @@ def callback(cfg, name):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_config_reproduces_spec_8(parser, name):
-    funcs, weights, early, min_reward, epochs, token_weights, lora = SPEC8[name]
+    (funcs, weights, early, min_reward, epochs, token_weights, lora, eval_generations, prompts, per_forward,
+     eval_batch, prompt_length, completion_length, checkpoint_every) = SPEC8[name]
     cfg = parse(parser, f"{name}.yaml")
     # common settings
     assert cfg.model.policy.model_name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert cfg.model.policy.dtype == "bfloat16" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.model.policy.gradient_checkpointing
     assert cfg.trainer.strategy.class_path == "lightning.pytorch.strategies.DeepSpeedStrategy"
     assert cfg.trainer.strategy.init_args.config == "configs/deepspeed_zero2.json"
-    assert cfg.data.max_prompt_length == 1024 and cfg.model.rollout.max_completion_length == 384
-    assert cfg.model.rollout.num_generations == 8 and cfg.model.optim.micro_batch_size == 4
+    assert cfg.model.rollout.num_generations == 8
     assert (cfg.model.optim.learning_rate, cfg.model.optim.lr_scheduler, cfg.model.optim.warmup_ratio) == (1e-5,
                                                                                                          "cosine", 0.05)
     assert cfg.model.optim.max_grad_norm == 1.0 and cfg.model.rewards.soft_punish_cache == 50
-    assert cfg.trainer.val_check_interval == 10 and cfg.model.rollout.eval_num_generations == 4
+    assert cfg.trainer.val_check_interval == 10
+    # epsilon 0.2 with epsilon_high unset: the upper clip was 0.2 too; beta 0, dapo, group scaling, no truncation mask
+    assert (cfg.model.loss.epsilon_low, cfg.model.loss.epsilon_high, cfg.model.loss.beta) == (0.2, 0.2, 0.0)
+    assert cfg.model.loss.loss_type == "dapo" and cfg.model.rewards.scale_rewards == "group"
+    assert cfg.model.loss.mask_truncated_completions is False
     assert callback(cfg, "AttentionMetrics") is not None and callback(cfg, "MarkdownRolloutLog") is not None
-    assert callback(cfg, "ReplayBuffer").replay_buffer_size == 64
+    buffer = callback(cfg, "ReplayBuffer")
+    assert (buffer.replay_buffer_size, buffer.replay_var_epsilon) == (64, 1e-6)
     assert callback(cfg, "ModelCheckpoint").save_last
     # the table's row
     assert cfg.model.rewards.reward_funcs == funcs and cfg.model.rewards.reward_weights == weights
     assert callback(cfg, "RewardWeightWarmup").early_reward_weights == early
-    assert callback(cfg, "ReplayBuffer").filter_min_reward == min_reward
-    assert cfg.trainer.max_epochs == epochs
+    assert buffer.filter_min_reward == min_reward
+    assert cfg.trainer.max_epochs == epochs and cfg.trainer.max_steps == -1
+    assert cfg.model.rollout.eval_num_generations == eval_generations
+    assert cfg.data.batch_size == prompts and cfg.model.optim.micro_batch_size == per_forward
+    assert cfg.data.eval_batch_size == eval_batch
+    assert (cfg.data.max_prompt_length, cfg.model.rollout.max_completion_length) == (prompt_length, completion_length)
+    assert callback(cfg, "ModelCheckpoint").every_n_train_steps == checkpoint_every
     tw = callback(cfg, "TokenWeights")
     assert (tw is not None) == token_weights
-    if tw is not None:
-        assert tw.smooth_sigma == 1.0
+    if tw is not None:  # every token, no top-k (the original's final code), sigma 1.0
+        assert tw.smooth_sigma == 1.0 and tw.topk_ratio is None
     assert (cfg.model.policy.lora is not None) == lora
     if lora:
         assert cfg.model.policy.lora.target_modules == ["q_proj", "v_proj"]
-    # callbacks that move groups come after those that annotate rollouts
-    order = [c.class_path.rsplit(".", 1)[1] for c in cfg.trainer.callbacks]
-    assert order.index("AttentionMetrics") < order.index("ReplayBuffer") < order.index("MarkdownRolloutLog")
-    if tw is not None:
-        assert order.index("TokenWeights") < order.index("ReplayBuffer")
 
 
 # --- overlays change exactly what they say -------------------------------------------------------------
@@ -202,7 +211,8 @@ OVERLAYS = {  # overlay: (callbacks transformation, other keys that change)
     "ablations/no_attention_metrics.yaml": (chain(without("AttentionMetrics"), early([1.0, 0.0, 2.0, 1.0])), NO_VGR),
     "ablations/no_markdown_log.yaml": (without("MarkdownRolloutLog"), {}),
     "ablations/modality_probe.yaml": (insert("ModelCheckpoint", "dapo_lightning.callbacks.ModalityProbe"), {}),
-    "ablations/grpo.yaml": (without("ReplayBuffer"), {"model.loss.epsilon_high": 0.2}),
+    "ablations/grpo.yaml": (without("ReplayBuffer"), {}),  # exp 3 clips at 0.2 already, as the scripts ran
+    "ablations/clip_higher.yaml": (chain(), {"model.loss.epsilon_high": 0.28}),
 }
 for _topk in (0.2, 0.4, 0.6):
     for _sigma in (0.0, 1.0, 2.0):

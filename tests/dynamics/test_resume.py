@@ -241,3 +241,17 @@ def test_a_resume_uses_the_given_configuration_and_names_what_differs(tmp_path, 
     assert "max_completion_length" not in message  # only what differs
     resumed = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and resumed["hyper_parameters"]["rollout"]["temperature"] == 0.7
+
+
+def test_settings_added_since_a_checkpoint_count_only_when_set_away_from_their_default():
+    from dapo_lightning.checkpointing import changed_settings
+    from dapo_lightning.config import default_settings
+
+    defaults = default_settings()
+    saved = {section: dict(values) for section, values in defaults.items()}
+    del saved["rollout"]["min_p"], saved["optim"]["steps_per_generation"]  # an older checkpoint: no such keys
+    current = {section: dict(values) for section, values in defaults.items()}
+    assert changed_settings(saved, current, defaults) == []  # it trained with the defaults
+    current["optim"]["steps_per_generation"] = 2
+    assert changed_settings(saved, current, defaults) == [("model.optim.steps_per_generation", None, 2)]
+    assert ("model.rollout.min_p", None, 0.0) in changed_settings(saved, current)  # without defaults: listed

@@ -9,6 +9,7 @@ FORMAT_CASES = [
     ("well_formed", "<think>r</think><answer>C</answer>", 1.0),
     ("well_formed_prompt_example", "<think>\nThis is my reasoning.\n</think>\n<answer>C</answer>", 1.0),
     ("leading_whitespace_allowed", "\n  <think>r</think><answer>C</answer>", 1.0),
+    ("leading_and_trailing_whitespace_stripped", " \t<think>r</think><answer>C</answer>\n\n ", 1.0),
     ("multiline_answer", "<think>r</think><answer>\nC\n</answer>", 1.0),
     ("empty_answer_has_the_tags", "<think>r</think><answer></answer>", 1.0),
     ("text_after_answer_allowed", "<think>r</think><answer>C</answer> and more", 1.0),
