@@ -348,3 +348,31 @@ def test_masked_truncated_completions_do_not_train(tmp_path, tiny_model_dir, syn
         fit(tmp_path / str(masked), module, synthetic_parquet, tiny_model_dir, steps=2)
         changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
         assert (changed == []) is masked, changed[:3]
+
+
+class Advantages(RolloutCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_rollout_scored(self, trainer, pl_module, rollout):
+        if rollout.stage == "train":
+            self.seen.append((rollout.rewards_per_func.clone(), rollout.reward_weights.clone(), rollout.advantages.clone()))
+
+
+def test_normalize_then_sum_sets_the_advantages_of_a_training_step(tmp_path, tiny_model_dir, synthetic_parquet):
+    from dapo_lightning.advantages import combine_rewards, group_advantages, normalize_then_sum
+
+    for aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        probe = Advantages()
+        module = DAPOModule(
+            policy=PolicyConfig(model_name_or_path=str(tiny_model_dir)),
+            rollout=RolloutConfig(num_generations=4, max_completion_length=3),
+            rewards=RewardConfig(reward_funcs=["tests.test_module.text_length", "format"], reward_weights=[0.1, 1.0],
+                                 multi_objective_aggregation=aggregation),
+        )
+        fit(tmp_path / aggregation, module, synthetic_parquet, tiny_model_dir, steps=2, callbacks=[probe])
+        for per_func, weights, advantages in probe.seen:
+            if aggregation == "normalize_then_sum":  # each reward normalised per group, then the batch
+                torch.testing.assert_close(advantages, normalize_then_sum(per_func, weights, 4))
+            else:
+                torch.testing.assert_close(advantages, group_advantages(combine_rewards(per_func, weights), 4))
