@@ -209,7 +209,7 @@ def _run_ours(conn, job: dict) -> None:
             self.probe = ParamProbe(pl_module.policy)
             if clock is not None:
                 clock.patch(pl_module, "manual_backward", "backward")
-                clock.patch(pl_module, "_clip_gradients", "grad clip")
+                clock.patch(update_mod.LightningHost, "clip_gradients", "grad clip")
                 clock.patch(pl_module, "log_step", "logging")
                 clock.patch(trainer.optimizers[0], "step", "optimizer step")
                 clock.hook(pl_module.policy, model_phase(clock))

@@ -18,6 +18,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -165,13 +166,20 @@ def prompt_text(rollout, row: int, tokenizer) -> str:
 def sample_block(
     rollout, row: int, number_in_step: int, *, tokenizer, prompt_chars: int | None, completion_chars: int | None
 ) -> str:
-    """One sample: summary line, prompt, completion, solution and rewards, attention metrics JSON."""
+    """One sample: summary line, prompt, completion, solution and rewards, attention metrics JSON.
+
+    The summary names the sample's row in the rollout, its group, and where its question is
+    stored, when known: the parquet file's name (its folder is the run's ``data.train_path``, so a
+    log reads the same wherever the data lies) and its row, numbered as ``data_prep validate`` does.
+    """
     group = row // rollout.num_generations
     total = float(rollout.rewards[row]) if rollout.rewards is not None else math.nan
     advantage = float(rollout.advantages[row]) if rollout.advantages is not None else math.nan
     replayed = bool(rollout.replayed[row]) if rollout.replayed is not None else False
+    source_rows = rollout.prompts.source_rows
+    question = f" (from {_file_row(source_rows[group])})" if group < len(source_rows) else ""
     summary = (
-        f"Sample {number_in_step}: row {row}, group {group}, total reward {number(total)}, "
+        f"Sample {number_in_step}: rollout row {row}, group {group}{question}, total reward {number(total)}, "
         f"advantage {number(advantage)}{', replayed' if replayed else ''}"
     )
     solution = rollout.prompts.columns.get("solution", [""] * rollout.num_groups)[group]
@@ -193,6 +201,12 @@ def sample_block(
         parts.append(fence(json.dumps(_json_value(report.row(row)), indent=1, sort_keys=True), "json"))
     parts.append("</details>\n")
     return "\n".join(parts)
+
+
+def _file_row(source_row) -> str:
+    """``"data.parquet: row 17"``: a parquet file by its name, a hub dataset's split (``name[split]``) as it is."""
+    file = PurePath(source_row.file).name if source_row.file.endswith(".parquet") else source_row.file
+    return f"{file}: row {source_row.row}"
 
 
 def token_weights_section(stats: dict[str, float], preview_pairs: list[str], row: int) -> str:

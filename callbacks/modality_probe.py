@@ -105,8 +105,10 @@ class ModalityProbe(RolloutCallback):
     def _variant_row(self, row: dict, variant: str, collate) -> dict:
         if variant == "image_only":
             return {**row, "problem": neutral_problem(row["problem"], self.neutral_prompt)}
-        image = mcq.decode_image(row.get("image"), source=getattr(collate, "source", "<val>"), row=row["_index"],
-                                 max_side=getattr(collate, "max_image_side", None))
+        where = collate.where(row)  # the parquet file and row, for the message of an unusable image
+        image = mcq.decode_image(row.get("image"), source=where.file, row=where.row,
+                                 max_side=getattr(collate, "max_image_side", None),
+                                 max_pixels=getattr(collate, "max_image_pixels", None))
         kind = variant.removeprefix("text_")
         return {**row, "image": blank_image(image.size, kind, seed=self.noise_seed + int(row["_index"]))}
 

@@ -12,7 +12,7 @@ own prompt and image with its completions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,7 +20,23 @@ from torch import Tensor
 from dapo_lightning.annotations import Annotation, RowValues
 
 if TYPE_CHECKING:
+    from dapo_lightning.data.rows import BadRow
     from dapo_lightning.guards import Fault
+
+
+class SourceRow(NamedTuple):
+    """Where a prompt's question is stored: the parquet file (``name[split]`` for a hub dataset) and its row there.
+
+    Rows are numbered from 0 within their own file (in a folder of parquet files too), as
+    ``python -m dapo_lightning.data_prep validate`` numbers them, whatever split or shuffle the
+    question went through; ``str()`` gives ``"file: row 5"``, the form of a ``BadRow`` message.
+    """
+
+    file: str
+    row: int
+
+    def __str__(self) -> str:
+        return f"{self.file}: row {self.row}"
 
 
 @dataclass
@@ -35,8 +51,12 @@ class PromptBatch:
     mm_token_type_ids: Tensor | None = None  # [B, P] 0 text, 1 image
     prompts: list[str] = field(default_factory=list)  # [B] rendered chat text
     columns: dict[str, list] = field(default_factory=dict)  # dataset columns per prompt ("solution", "problem", ...)
-    index: list[int] = field(default_factory=list)  # [B] dataset row of each prompt
+    index: list[int] = field(default_factory=list)  # [B] position of each prompt in its dataset (for lookups)
+    # [B] the parquet file and row of each prompt (for messages); empty when the batch was built without them
+    source_rows: list[SourceRow] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # [B] decoded PIL images, as encoded (the rewards' ``image``)
     num_skipped: int = 0  # unusable rows the collator dropped from this batch (data.on_bad_row=skip)
+    skipped: list[BadRow] = field(default_factory=list)  # [num_skipped] why each of them was dropped, in order
     num_resized: int = 0  # rows of this batch whose image the collator shrank to fit data.max_prompt_length
 
     @classmethod
@@ -45,8 +65,13 @@ class PromptBatch:
         return cls(input_ids=torch.zeros(0, 0, dtype=torch.long), attention_mask=torch.zeros(0, 0, dtype=torch.long),
                    pixel_values=torch.zeros(0, 0), image_grid_thw=torch.zeros(0, 3, dtype=torch.long), image_counts=[])
 
-    def with_skipped(self, count: int) -> PromptBatch:
-        return replace(self, num_skipped=self.num_skipped + count)
+    def with_skipped(self, dropped: list[BadRow]) -> PromptBatch:
+        """This batch counting ``dropped``: the unusable rows the collator left out of it."""
+        return replace(self, num_skipped=self.num_skipped + len(dropped), skipped=[*self.skipped, *dropped])
+
+    def locations(self) -> list[SourceRow] | list[int]:
+        """[B] what messages name each prompt by: its ``source_rows`` (a batch built without them: its ``index``)."""
+        return self.source_rows or self.index
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -104,6 +129,8 @@ class PromptBatch:
             prompts=[self.prompts[g] for g in groups] if self.prompts else [],
             columns={k: [v[g] for g in groups] for k, v in self.columns.items()},
             index=[self.index[g] for g in groups] if self.index else [],
+            source_rows=[self.source_rows[g] for g in groups] if self.source_rows else [],
+            images=[self.images[g] for g in groups] if self.images else [],
         )
 
 
@@ -175,14 +202,19 @@ class RolloutBatch:
         return {k: [v for v in values for _ in range(G)] for k, values in self.prompts.columns.items()}
 
     def reward_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of every reward function (see ``rewards.registry``): the ``RowValues`` annotations as lists."""
+        """Keyword arguments of every reward function (see ``rewards.registry``), one entry per row where per-row:
+        the dataset columns, ``prompts``, ``completion_ids``, ``image`` (the decoded picture, as TRL passes a vision
+        dataset's image column), ``num_generations`` and the ``RowValues`` annotations as lists."""
+        G = self.num_generations
         ids = [row[mask.bool()].tolist() for row, mask in zip(self.completion_ids, self.completion_mask)]
         kwargs: dict[str, Any] = {
             **self.row_columns(),
-            "prompts": [p for p in self.prompts.prompts for _ in range(self.num_generations)],
+            "prompts": [p for p in self.prompts.prompts for _ in range(G)],
             "completion_ids": ids,
-            "num_generations": self.num_generations,
+            "num_generations": G,
         }
+        if self.prompts.images:
+            kwargs["image"] = [image for image in self.prompts.images for _ in range(G)]
         kwargs.update({name: a.tolist() for name, a in self.annotations.items() if isinstance(a, RowValues)})
         return kwargs
 

@@ -12,17 +12,22 @@ writes only rank 0's copy of everything. Resuming a run exactly needs both:
   processes (each rank's replay buffer, its generators) is gathered to rank 0 when saved and
   handed back by rank on load, also when the world size changed.
 - :func:`check_same_config`: resuming from a checkpoint of another configuration is an
-  error naming the key, for the settings the saved state depends on.
+  error naming the key, for the settings the saved state depends on (a model folder is the
+  same model however it is spelled: paths are compared resolved).
+- :func:`warn_if_nothing_left_to_train`: resuming a checkpoint already at or past
+  ``trainer.max_steps`` warns (the fit would end at once, silently).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dapo_lightning import distributed
 
@@ -107,6 +112,22 @@ STRUCTURAL_KEYS = (
 )
 
 
+MODEL_PATH = ("policy", "model_name_or_path")
+
+
+def same_model(a: Any, b: Any) -> bool:
+    """Whether two ``model_name_or_path`` values name the same model: the same text, or the same local folder
+    (a relative path resolved against the working folder, symbolic links followed)."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    try:
+        return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+    except OSError:  # either is not a local path (a hub name) or does not exist here
+        return False
+
+
 def _lookup(hparams: Any, path: tuple[str, ...]) -> Any:
     value = hparams
     for key in path:
@@ -132,7 +153,7 @@ def check_same_config(saved: Any, current: Any, *, source: str = "the checkpoint
         return
     for path in STRUCTURAL_KEYS:
         before, now = _lookup(saved, path), _lookup(current, path)
-        if before != now:
+        if before != now and not (path == MODEL_PATH and same_model(before, now)):
             key = "model." + ".".join(path)
             raise ValueError(
                 f"{key}: {source} was trained with {before!r}, this configuration has {now!r}; resume with the "
@@ -174,6 +195,8 @@ def changed_settings(saved: Any, current: Any, defaults: Any = None) -> list[tup
     for key in sorted(before.keys() | now.keys()):
         if key not in before and key in default and now.get(key) == default[key]:
             continue
+        if key == ".".join(MODEL_PATH) and same_model(before.get(key), now.get(key)):
+            continue
         if before.get(key) != now.get(key):
             changes.append((f"model.{key}", before.get(key), now.get(key)))
     return changes
@@ -191,3 +214,23 @@ def describe_changed_settings(changes: list[tuple[str, Any, Any]]) -> str | None
         message += (f"\n{', '.join(kept)}: the optimizer and learning-rate scheduler states restored from the checkpoint "
                     "keep the values they were saved with; start a new run from the exported weights to change them")
     return message
+
+
+# --- how far the checkpoint got -----------------------------------------------------------------------
+
+
+def nothing_left_to_train(checkpoint: dict, max_steps: int | None, source: str = "the checkpoint") -> str | None:
+    """The warning for a checkpoint saved at or after ``max_steps`` (the fit would end at once), else None."""
+    step = checkpoint.get("global_step")
+    if step is None or max_steps is None or max_steps < 0 or step < max_steps:
+        return None
+    return (f"{source} was saved after step {step} and trainer.max_steps is {max_steps}: nothing is left to train "
+            f"(the fit ends at once); raise trainer.max_steps above {step} to train further")
+
+
+def warn_if_nothing_left_to_train(checkpoint: dict, trainer) -> None:
+    """Warn (rank 0) when resuming ``checkpoint`` leaves no step to train under ``trainer.max_steps``."""
+    if trainer is None:
+        return  # loaded outside a fit (load_from_checkpoint)
+    if message := nothing_left_to_train(checkpoint, trainer.max_steps, str(trainer.ckpt_path or "the checkpoint")):
+        rank_zero_warn(message)

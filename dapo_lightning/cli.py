@@ -21,12 +21,14 @@ import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from dapo_lightning.shutdown import GracefulShutdown
+from dapo_lightning import fit_checks
+from dapo_lightning.shutdown import GracefulShutdown, newest_last_checkpoint
+from dapo_lightning.storage import load_checkpoint_file
 from dapo_lightning.checkpointing import check_same_config
 from dapo_lightning.data import VisualMCQDataModule
 from dapo_lightning.module import DAPOModule
@@ -70,6 +72,23 @@ class DAPOLightningCLI(LightningCLI):
                 callback.__class__ = StepBoundedRichProgressBar
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # The command line, for GracefulShutdown's message: the command that resumes this run.
+        structured = isinstance(args, (dict, Namespace))
+        self.command_line = None if structured else list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def before_fit(self) -> None:
+        # Lightning's loggers write their first file before any setup hook: a full or read-only disk is an
+        # error naming the folder now, not a logger thread's bare OSError.
+        fit_checks.check_folders_before_loggers(self.trainer)
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":  # Lightning looks only in the ModelCheckpoint folders, not where
+            config["ckpt_path"] = newest_last_checkpoint(self.trainer) or "last"  # a SIGTERM saves without one
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, GracefulShutdown) and self.command_line is not None:
+                callback.resume_command = [self.parser.prog, *without_ckpt_path(self.command_line)]
+
     def _parse_ckpt_path(self) -> None:
         # Lightning would replace the model's config by the checkpoint's hyper-parameters, silently, and only for
         # a file path (not for ``last``). Here the configuration given is used as given, whichever path: a
@@ -78,8 +97,21 @@ class DAPOLightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            saved = load_checkpoint_file(ckpt_path).get("hyper_parameters", {})  # a damaged file: named
             check_same_config(saved, self.config[subcommand].get("model"), source=f"checkpoint {ckpt_path}")
+
+
+def without_ckpt_path(args: list[str]) -> list[str]:
+    """``args`` less any ``--ckpt_path PATH`` / ``--ckpt_path=PATH``."""
+    kept, skip = [], False
+    for arg in args:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        skip = arg == "--ckpt_path"
+        if not skip:
+            kept.append(arg)
+    return kept
 
 
 OFFLINE_FIXTURES = "dapo_lightning.offline_fixtures"  # entry-point group, see setup.cfg

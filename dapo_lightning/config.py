@@ -7,6 +7,8 @@ wrong YAML fails before any model is loaded.
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -14,17 +16,41 @@ from dapo_lightning.advantages import AGGREGATIONS, SCALE_MODES
 from dapo_lightning.loss import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
 
 
-def coerce(cls, value: Any):
-    """A config dataclass from an instance or a plain dict (as stored in a checkpoint's hyper-parameters)."""
+def coerce(cls, value: Any, key: str = "model"):
+    """A config dataclass from an instance or a plain dict (a notebook's, or a checkpoint's hyper-parameters).
+
+    An unknown key is an error naming it (``key`` is the section's, e.g. ``model.optim``), with
+    the nearest known key: a misspelt setting must not train at its default without a word.
+    """
     if value is None or isinstance(value, cls):
         return value
     if isinstance(value, dict):
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in value.items() if k in known}
+        known = [f.name for f in fields(cls)]
+        for name in value:
+            if name not in known:
+                near = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}"
+                raise ValueError(f"{key}.{name}: unknown key{hint}")
+        kwargs = dict(value)
         if cls is PolicyConfig and isinstance(kwargs.get("lora"), dict):
-            kwargs["lora"] = LoraSettings(**kwargs["lora"])
+            kwargs["lora"] = coerce(LoraSettings, kwargs["lora"], f"{key}.lora")
         return cls(**kwargs)
-    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
+    raise TypeError(f"{key}: expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+def reward_name(fn) -> str:
+    """The name a reward function passed as an object is known by: its dotted path, registered in this process.
+
+    A module-level function is found again by that path when a checkpoint is resumed in a new
+    process; a lambda or a nested function works in this process only.
+    """
+    from dapo_lightning.rewards.registry import register_reward_object
+
+    return register_reward_object(fn)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -47,6 +73,9 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "model.policy.lora.r", f"must be > 0, got {self.r}")
+        _check(_finite(self.alpha) and self.alpha > 0, "model.policy.lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(_finite(self.dropout) and 0 <= self.dropout < 1, "model.policy.lora.dropout",
+               f"must be in [0, 1), got {self.dropout}")
         _check(bool(self.target_modules), "model.policy.lora.target_modules", "must name at least one module")
 
 
@@ -148,7 +177,7 @@ class RewardConfig:
     """Which rewards score a completion and how they combine into advantages (SPEC section 2)."""
 
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format", "length"])
-    """Registered reward names or dotted paths to functions ``f(completions, **kwargs) -> list[float]``."""
+    """Registered reward names or dotted paths to functions ``f(completions, **kwargs) -> list[float]`` (in Python, the function itself also works)."""
     reward_weights: list[float] | None = None
     """One weight per reward, same order (None: all 1)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -157,11 +186,14 @@ class RewardConfig:
     """``sum_then_normalize``: the weighted sum of the rewards, then group advantages (``scale_rewards``). ``normalize_then_sum`` (GDPO, TRL's option): each reward centred and scaled by its group's std first, then the weighted sum centred and scaled by the batch's std over all processes (``scale_rewards`` does not apply): rewards on different scales weigh as their weights say."""
     soft_punish_cache: int = 50
     """Length reward: tokens before max_completion_length where the linear penalty starts."""
+    completions_format: Literal["text", "conversational"] = "text"
+    """How rewards receive each completion: ``text``, a string; ``conversational``, TRL's shape for chat data, ``[{"role": "assistant", "content": text}]`` (a TRL reward written with ``c[0]["content"]`` works unchanged). Rewards also get TRL's ``trainer_state`` and, per row, the ``image``."""
     on_reward_error: Literal["raise", "zero"] = "raise"
     """When a reward function raises: ``raise`` stops with an error naming the reward, the sample and its dataset row; ``zero`` scores the failing samples 0, counts them in ``train/reward_errors/<name>`` and goes on."""
 
     def __post_init__(self) -> None:
         _check(bool(self.reward_funcs), "model.rewards.reward_funcs", "must list at least one reward")
+        self.reward_funcs = [reward_name(f) if callable(f) else f for f in self.reward_funcs]  # names: checkpoint-safe
         if self.reward_weights is not None:
             _check(
                 len(self.reward_weights) == len(self.reward_funcs),
@@ -174,6 +206,8 @@ class RewardConfig:
                f"choose from {AGGREGATIONS}, got {self.multi_objective_aggregation!r}")
         _check(self.soft_punish_cache >= 0, "model.rewards.soft_punish_cache", "must be >= 0")
         _check(self.on_reward_error in ("raise", "zero"), "model.rewards.on_reward_error", "choose from raise, zero")
+        _check(self.completions_format in ("text", "conversational"), "model.rewards.completions_format",
+               f"choose from text, conversational; got {self.completions_format!r}")
 
     @property
     def weights(self) -> list[float]:
@@ -200,13 +234,14 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check(self.loss_type in LOSS_TYPES, "model.loss.loss_type", f"choose from {LOSS_TYPES}")
         _check(0 <= self.epsilon_low < 1, "model.loss.epsilon_low", f"must be in [0, 1), got {self.epsilon_low}")
-        _check(self.epsilon_high >= 0, "model.loss.epsilon_high", f"must be >= 0, got {self.epsilon_high}")
+        _check(_finite(self.epsilon_high) and self.epsilon_high >= 0, "model.loss.epsilon_high",
+               f"must be a finite number >= 0, got {self.epsilon_high}")
         _check(
             self.importance_sampling_level in IMPORTANCE_LEVELS,
             "model.loss.importance_sampling_level",
             f"choose from {IMPORTANCE_LEVELS}",
         )
-        _check(self.beta >= 0, "model.loss.beta", f"must be >= 0, got {self.beta}")
+        _check(_finite(self.beta) and self.beta >= 0, "model.loss.beta", f"must be a finite number >= 0, got {self.beta}")
 
     def settings(self, max_completion_length: int) -> PolicyLossSettings:
         """The loss function's constants (``dr_grpo`` divides by ``max_completion_length``)."""
@@ -245,7 +280,14 @@ class OptimConfig:
     """A step with a NaN or inf in its rewards, advantages, log-probs, loss or gradients is skipped (no optimizer or scheduler step); after this many in a row the run saves a checkpoint and stops with an error (None: never stop)."""
 
     def __post_init__(self) -> None:
-        _check(self.learning_rate > 0, "model.optim.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(_finite(self.learning_rate) and self.learning_rate > 0, "model.optim.learning_rate",
+               f"must be a finite number > 0, got {self.learning_rate}")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "model.optim.weight_decay",
+               f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.adam_betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.adam_betas),
+               "model.optim.adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
+        _check(_finite(self.adam_epsilon) and self.adam_epsilon > 0, "model.optim.adam_epsilon",
+               f"must be > 0, got {self.adam_epsilon}")
         _check(0 <= self.warmup_ratio < 1, "model.optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.num_iterations >= 1, "model.optim.num_iterations", f"must be >= 1, got {self.num_iterations}")
         _check(self.steps_per_generation >= 1, "model.optim.steps_per_generation",

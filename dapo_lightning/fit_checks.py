@@ -2,17 +2,47 @@
 
 The callbacks' and rewards' declarations are checked by ``hooks.check_callbacks`` (at set-up,
 before the model loads); the checks here need the trainer's loggers and strategy and run at
-fit start. Each error names the folder or the config key.
+fit start, except :func:`check_folders_before_loggers`, which runs before Lightning's loggers
+write their first file (they do before any ``setup`` hook). Each error names the folder or the
+config key.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import socket
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dapo_lightning import storage
 from dapo_lightning.config import OptimConfig
+
+
+def check_folders_before_loggers(trainer) -> None:
+    """Probe-write the output folder, each logger's folder and each checkpoint folder, on this process.
+
+    For the moment before Lightning's loggers first write (TensorBoard's writes its event file
+    before any ``setup`` hook, and on a full disk dies in a writer thread with a bare ``OSError``),
+    so the error names the folder instead. No collective (the processes may not be connected
+    yet): every process probes, and on a shared folder every process raises the same error.
+    Only for a fit; folders on object stores are left to their loggers.
+    """
+    if trainer.state.fn not in (None, "fit"):
+        return
+    folders = {"output folder (trainer.default_root_dir)": trainer.default_root_dir}
+    for logger in trainer.loggers:
+        folder = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+        if folder:
+            folders.setdefault(f"log folder ({type(logger).__name__})", folder)
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None):
+            folders.setdefault("checkpoint folder", callback.dirpath)
+    for what, folder in folders.items():
+        if storage.is_local(folder):
+            storage.probe_writable(folder, what)
 
 
 def check_output_folders(trainer, policy) -> None:
@@ -79,10 +109,62 @@ def deepspeed_accumulation_problem(config: dict | None, optim: OptimConfig) -> s
     return None
 
 
+CLAIM_PREFIX = ".claim-"  # + "<pid>@<host>": the file that makes a folder this process's
+
+
 def free_folder(path: Path) -> Path:
-    """``path`` if it is absent or empty, else the first free ``path-1``, ``path-2``, ... (never overwrite)."""
+    """Claim the export folder: ``path``, else the first free ``path-1``, ``path-2``, ... (never overwrite).
+
+    Chosen at fit start, written at fit end: the choice is a claim, so two fits sharing a root
+    folder never export to the same one. A hidden folder holding a claim file
+    (``.claim-<pid>@<host>``) is renamed onto the candidate, which succeeds only where nothing or
+    an empty folder is (``rename`` is atomic: of two fits, one wins, the other takes the next
+    name). A folder holding only the claim of a process of this machine that has ended (a run
+    stopped before its export) is free again. Only rank 0 claims (it exports); the others get
+    ``path`` back.
+    """
+    if rank_zero_only.rank != 0:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = path, 0
-    while candidate.exists() and any(candidate.iterdir()):
+    while not _claim(candidate):
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
+
+def _claim(folder: Path) -> bool:
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.claiming")
+    staging.mkdir(exist_ok=True)
+    (staging / f"{CLAIM_PREFIX}{os.getpid()}@{socket.gethostname()}").touch()
+    try:
+        for _ in range(2):  # once more after releasing an ended process's claim
+            try:
+                os.rename(staging, folder)
+                return True
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise OSError(error.errno, f"cannot claim the export folder {folder} ({error.strerror})") from error
+                if not _release_ended_claim(folder):
+                    return False
+        return False
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _release_ended_claim(folder: Path) -> bool:
+    """Remove the claim file from ``folder`` if it holds nothing else and its process (on this machine) has ended."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # a file, or unreadable: taken
+        return False
+    if len(entries) != 1 or not entries[0].name.startswith(CLAIM_PREFIX):
+        return False
+    pid, _, host = entries[0].name[len(CLAIM_PREFIX):].partition("@")
+    if host != socket.gethostname() or not pid.isdigit() or storage.process_alive(int(pid)):
+        return False
+    try:
+        entries[0].unlink()
+    except FileNotFoundError:
+        pass  # another fit released it first: the rename decides which of us gets it
+    return True

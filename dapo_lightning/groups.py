@@ -14,7 +14,7 @@ A stored group (the replay buffer's) is checkpointed as plain tensors, strings a
 
     {"prompt": {"input_ids": [1, P], "attention_mask": [1, P], "mm_token_type_ids": [1, P] | None,
                 "pixel_values": [patches, D], "image_grid_thw": [images, 3], "image_counts": [1],
-                "prompts": [1], "columns": {name: [1]}, "index": [1]},
+                "prompts": [1], "columns": {name: [1]}, "index": [1], "source_rows": [1] of (file, row)},
      "rows": {field: [G, T_g] or [G]},       # RolloutBatch.row_fields() that are set, T_g = the group's longest
      "completions": [G], "extras": {name: [G]}}   # extras: its RowValues annotations
 """
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from dapo_lightning.annotations import Annotation, RowValues, concat_all, select_all
-from dapo_lightning.batch import PromptBatch, RolloutBatch
+from dapo_lightning.batch import PromptBatch, RolloutBatch, SourceRow
 from dapo_lightning.guards import Fault
 
 _PAD_VALUE = {"completion_mask": 0, "old_logps": 0.0, "ref_logps": 0.0, "token_weights": 1.0}
@@ -58,7 +58,8 @@ class Group:
         """
         rows = {k: v for k, v in self.rows.items() if k != "token_weights"}
         annotations = {k: v for k, v in self.annotations.items() if isinstance(v, RowValues)}
-        return replace(self, rows=rows, annotations=annotations, faults=())
+        prompt = replace(self.prompt, images=[])  # its rewards are scored: the pictures are not needed again
+        return replace(self, prompt=prompt, rows=rows, annotations=annotations, faults=())
 
     def as_replayed(self) -> Group:
         """This group with its rows marked as replayed."""
@@ -83,6 +84,7 @@ class Group:
                 "prompts": list(prompt.prompts),
                 "columns": {k: _plain_column(v) for k, v in prompt.columns.items()},
                 "index": list(prompt.index),
+                "source_rows": [(str(file), int(row)) for file, row in prompt.source_rows],  # plain tuples
             },
             "rows": dict(self.rows),
             "completions": list(self.completions),
@@ -96,6 +98,7 @@ class Group:
             input_ids=p["input_ids"], attention_mask=p["attention_mask"], mm_token_type_ids=p["mm_token_type_ids"],
             pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"], image_counts=list(p["image_counts"]),
             prompts=list(p["prompts"]), columns=dict(p["columns"]), index=list(p["index"]),
+            source_rows=[SourceRow(*r) for r in p.get("source_rows", ())],  # absent from groups stored before them
         )
         annotations = {k: RowValues(v) for k, v in (state.get("extras") or {}).items()}
         return cls(prompt=prompt, completions=list(state["completions"]), rows=dict(state["rows"]),
@@ -148,8 +151,8 @@ def take_group(rollout: RolloutBatch, g: int, *, device=None, pixel_dtype: torch
         image_grid_thw=prompt.image_grid_thw.to(device).clone(),
         columns={k: _plain_column(v) for k, v in prompt.columns.items()},
     )
-    dataset_row = rollout.prompts.index[g : g + 1]
-    faults = tuple(f.within(start, stop).located(dataset_row, G) for f in rollout.faults if f.touches(start, stop))
+    question = rollout.prompts.locations()[g : g + 1]
+    faults = tuple(f.within(start, stop).located(question, G) for f in rollout.faults if f.touches(start, stop))
     return Group(prompt=prompt, completions=list(rollout.completions[start:stop]), rows=rows,
                  annotations=select_all(rollout.annotations, own_rows), faults=faults)
 
@@ -194,6 +197,9 @@ def assemble(rollout: RolloutBatch, groups: Sequence[Group], *, pad_id: int) -> 
         prompts=[t for p in prompts for t in p.prompts],
         columns=columns,
         index=[i for p in prompts for i in p.index],
+        # a group stored before source_rows existed has none: then the rollout names positions, not file rows
+        source_rows=[r for p in prompts for r in p.source_rows] if all(p.source_rows for p in prompts) else [],
+        images=[i for p in prompts for i in p.images] if all(p.images for p in prompts) else [],
         num_skipped=rollout.prompts.num_skipped,
         num_resized=rollout.prompts.num_resized,
     )

@@ -10,10 +10,11 @@
 - the gradients, after the backward passes and before clipping.
 
 A step with any fault is skipped (see ``update.py`` for what that means) and each fault is
-logged with the rows it was found in. The faults of a step are those of the groups it trains
-on: when dynamic sampling or the replay buffer moves a group (``groups.py``), its faults move
-with it. The functions here are pure: they take tensors and return :class:`Fault` records,
-or nothing.
+logged with the rows it was found in and the parquet file and row of their questions
+(``PromptBatch.source_rows``, numbered as ``data_prep validate`` numbers them). The faults
+of a step are those of the groups it trains on: when dynamic sampling or the replay buffer
+moves a group (``groups.py``), its faults move with it. The functions here are pure: they
+take tensors and return :class:`Fault` records, or nothing.
 """
 
 from __future__ import annotations
@@ -24,24 +25,34 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from dapo_lightning.batch import SourceRow
+
 SHOWN = 8  # rows or parameter names listed in a message
 
 
 @dataclass(frozen=True)
 class Fault:
-    """A NaN or inf in ``tensor``: at rollout ``rows`` (prompts ``dataset_rows``), or in the gradients of ``names``."""
+    """A NaN or inf in ``tensor``: at rollout ``rows`` (questions ``dataset_rows``), or in the gradients of ``names``.
+
+    ``dataset_rows`` holds the ``SourceRow`` (parquet file and row) of each question the rows
+    belong to, or, located from a batch without them, the questions' positions in their dataset.
+    """
 
     tensor: str
     rows: tuple[int, ...] = ()
     names: tuple[str, ...] = ()
-    dataset_rows: tuple[int, ...] = ()
+    dataset_rows: tuple[SourceRow, ...] | tuple[int, ...] = ()
 
     def describe(self) -> str:
-        """One line: the tensor, then its rows (and the dataset rows of their prompts) or its parameters."""
+        """One line: the tensor, then its rows and the file rows of their questions, or its parameters.
+
+        ``"rewards/x at rows [1, 5] (from a.parquet: rows [3]; b.parquet: rows [0, 7])"``; from
+        positions: ``"... (dataset rows [40, 41])"``.
+        """
         if self.names:
             return f"{self.tensor} of {_listing(self.names)}"
         text = f"{self.tensor} at rows {_listing(self.rows)}"
-        return text + (f" (dataset rows {_listing(self.dataset_rows)})" if self.dataset_rows else "")
+        return text + (f" ({_sources(self.dataset_rows)})" if self.dataset_rows else "")
 
     def touches(self, start: int, stop: int) -> bool:
         """Whether any of its rows is in ``[start, stop)``."""
@@ -55,17 +66,28 @@ class Fault:
         """The same fault with its rows numbered from ``offset`` (a group placed at row ``offset``)."""
         return replace(self, rows=tuple(r + offset for r in self.rows))
 
-    def located(self, index: Sequence[int], num_generations: int) -> Fault:
-        """This fault with the dataset rows of its rows' prompts (``index`` [B]: dataset row of each prompt)."""
-        if not index or not self.rows:
+    def located(self, where: Sequence[SourceRow] | Sequence[int], num_generations: int) -> Fault:
+        """This fault with the questions of its rows' prompts: ``where`` [B] holds each prompt's place in the data
+        (``PromptBatch.locations()``: its ``SourceRow``, else its position)."""
+        if not where or not self.rows:
             return self
-        prompts = sorted({int(index[r // num_generations]) for r in self.rows if r // num_generations < len(index)})
+        prompts = sorted({where[r // num_generations] for r in self.rows if r // num_generations < len(where)})
         return replace(self, dataset_rows=tuple(prompts))
 
 
 def _listing(items: Sequence) -> str:
     shown = ", ".join(str(i) for i in items[:SHOWN])
     return f"[{shown}{f', ... {len(items) - SHOWN} more' if len(items) > SHOWN else ''}]"
+
+
+def _sources(located: Sequence[SourceRow] | Sequence[int]) -> str:
+    """``"from a.parquet: rows [3]; b.parquet: rows [0, 7]"`` (sorted SourceRows), or ``"dataset rows [..]"``."""
+    if not isinstance(located[0], SourceRow):
+        return f"dataset rows {_listing(located)}"
+    by_file: dict[str, list[int]] = {}
+    for file, row in located:
+        by_file.setdefault(file, []).append(row)
+    return "from " + "; ".join(f"{file}: rows {_listing(rows)}" for file, rows in by_file.items())
 
 
 def nonfinite_rows(values: Tensor, mask: Tensor | None = None) -> list[int]:
@@ -103,7 +125,7 @@ def rollout_faults(rollout) -> list[Fault]:
     faults += row_fault("token_weights", rollout.token_weights, mask)
     faults += row_fault("old_logps", rollout.old_logps, mask)
     faults += row_fault("ref_logps", rollout.ref_logps, mask)
-    return [f.located(rollout.prompts.index, rollout.num_generations) for f in faults]
+    return [f.located(rollout.prompts.locations(), rollout.num_generations) for f in faults]
 
 
 def nonfinite_row_mask(values: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -104,3 +104,10 @@ def build_policy(cfg, *, with_reference: bool):
                            target_modules=cfg.lora.target_modules)
     processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     return model.train(), reference, processor  # from_pretrained returns eval mode
+
+
+def export_pretrained(policy, processor, target) -> None:
+    """Save the trained policy (or its LoRA adapter) with its processor to ``target``, loadable by ``from_pretrained``."""
+    target.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(target)
+    processor.save_pretrained(target)

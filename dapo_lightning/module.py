@@ -23,17 +23,15 @@ points of ``hooks.py`` and use only the members listed in ``hooks.RolloutModule`
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
-from torch import Tensor
+from transformers import TrainerState
 
 from dapo_lightning import checkpointing, distributed, fit_checks, guards, metrics, storage
 from dapo_lightning.actor import Actor
@@ -41,11 +39,11 @@ from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig, coerce, default_settings
 from dapo_lightning.hooks import check_callbacks, rollout_callbacks
 from dapo_lightning.logprobs import LogProbs
-from dapo_lightning.models import build_policy
+from dapo_lightning.models import build_policy, export_pretrained
 from dapo_lightning.optim import build_optimizer
 from dapo_lightning.rewards import get_reward_spec
 from dapo_lightning.scoring import score
-from dapo_lightning.update import UpdateResult, UpdateSettings, row_chunks, update_policy
+from dapo_lightning.update import LightningHost, UpdateResult, UpdateSettings, row_chunks, update_policy
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +73,11 @@ class DAPOModule(LightningModule):
                 (``final-1``, ``final-2``, ... when taken: nothing is overwritten).
         """
         super().__init__()
-        self.policy_cfg = coerce(PolicyConfig, policy)
-        self.rollout_cfg = coerce(RolloutConfig, rollout)
-        self.reward_cfg = coerce(RewardConfig, rewards)
-        self.loss_cfg = coerce(LossConfig, loss)
-        self.optim_cfg = coerce(OptimConfig, optim)
+        self.policy_cfg = coerce(PolicyConfig, policy, "model.policy")
+        self.rollout_cfg = coerce(RolloutConfig, rollout, "model.rollout")
+        self.reward_cfg = coerce(RewardConfig, rewards, "model.rewards")
+        self.loss_cfg = coerce(LossConfig, loss, "model.loss")
+        self.optim_cfg = coerce(OptimConfig, optim, "model.optim")
         self.export_final = export_final
         configs = {"policy": self.policy_cfg, "rollout": self.rollout_cfg, "rewards": self.reward_cfg,
                    "loss": self.loss_cfg, "optim": self.optim_cfg}
@@ -128,6 +126,12 @@ class DAPOModule(LightningModule):
     def warmup_ratio(self) -> float:
         return self.optim_cfg.warmup_ratio
 
+    def trainer_state(self) -> TrainerState:
+        """The step as TRL's rewards receive it (``trainer_state``: global_step, max_steps, epoch; -1 outside a fit)."""
+        fitting = self.trainer.state.fn == "fit"
+        return TrainerState(global_step=self.global_step, max_steps=self.total_optimizer_steps() if fitting else -1,
+                            epoch=float(self.current_epoch))
+
     def total_optimizer_steps(self) -> int:
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return int(self.trainer.max_steps)
@@ -143,6 +147,11 @@ class DAPOModule(LightningModule):
         self.actor = Actor(policy, reference, processor, self.policy_cfg, self.rollout_cfg)
         self.policy = policy
 
+    def configure_callbacks(self):
+        # The earliest hook of a fit: Lightning's loggers write before ``setup``; a full disk is an error naming it.
+        fit_checks.check_folders_before_loggers(self.trainer)
+        return []
+
     def setup(self, stage: str) -> None:
         # Before any checkpoint is read or written: crash-safe writes, weights_only reads (storage.py).
         storage.install_atomic_checkpoint_io(self.trainer)
@@ -153,7 +162,8 @@ class DAPOModule(LightningModule):
     def on_fit_start(self) -> None:
         fit_checks.check_output_folders(self.trainer, self.policy)
         fit_checks.check_strategy(self.trainer, self.optim_cfg)
-        self.export_dir = fit_checks.free_folder(Path(self.trainer.default_root_dir) / "final")
+        self.export_dir = fit_checks.free_folder(Path(self.trainer.default_root_dir) / "final") if self.export_final \
+            else None  # claimed now: two fits sharing a root never export to the same folder
         if self.actor.reference is not None:  # kept out of the state dict, moved here
             self.actor.reference.to(self.device)
 
@@ -163,6 +173,7 @@ class DAPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_same_config(checkpoint.get("hyper_parameters"), self.hparams)
+        checkpointing.warn_if_nothing_left_to_train(checkpoint, self._trainer)
         changes = checkpointing.changed_settings(checkpoint.get("hyper_parameters"), self.hparams, default_settings())
         if message := checkpointing.describe_changed_settings(changes):
             rank_zero_warn(message)
@@ -234,12 +245,13 @@ class DAPOModule(LightningModule):
         """Rewards and group advantages (``scoring.score``), then ``on_rollout_scored`` (groups moved, token weights)."""
         start = time.perf_counter()
         extra = {"max_completion_length": self.rollout_cfg.max_completion_length,
-                 "soft_punish_cache": self.reward_cfg.soft_punish_cache}
+                 "soft_punish_cache": self.reward_cfg.soft_punish_cache, "trainer_state": self.trainer_state()}
         train = rollout.stage == "train"
         score(rollout, self.reward_specs, scale_rewards=self.reward_cfg.scale_rewards,
               aggregation=self.reward_cfg.multi_objective_aggregation, extra_kwargs=extra,
               gather=distributed.gather_flat if train else None,  # uneven validation shards: no collective
-              on_reward_error=self.reward_cfg.on_reward_error)
+              on_reward_error=self.reward_cfg.on_reward_error,
+              conversational=self.reward_cfg.completions_format == "conversational")
         rollout.timings["score"] = time.perf_counter() - start
         if train and not rollout.is_extra:  # the fresh rows, before callbacks move groups
             rollout.sampled_rewards, rollout.sampled_accuracy = rollout.rewards.clone(), metrics.row_accuracy(rollout)
@@ -264,41 +276,16 @@ class DAPOModule(LightningModule):
         """The policy's log-probs of the completions of ``rows`` (with grad in the update), [n, T']."""
         return self.actor.completion_logps(rollout, rows, with_entropy=with_entropy, width=width)
 
-    # --- the update (update.TrainingHost) -------------------------------------------------------------
+    # --- the update ------------------------------------------------------------------------------------
 
     def update(self, rollout: RolloutBatch) -> UpdateResult:
         """The step's optimizer steps (``update.py``); a skipped step is counted and logged with its faults."""
         start = time.perf_counter()
-        result = update_policy(rollout, self, self.update_settings)
+        result = update_policy(rollout, LightningHost(self, self.optim_cfg.max_grad_norm), self.update_settings)
         rollout.faults = result.faults
         self._count_step(result)
         rollout.timings["update"] = time.perf_counter() - start
         return result
-
-    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(name, p) for name, p in self.policy.named_parameters() if p.requires_grad]
-
-    def step_optimizer(self) -> Tensor:
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        norm = self._clip_gradients(optimizer)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return norm
-
-    def discard_gradients(self) -> None:
-        self.optimizers().zero_grad(set_to_none=True)
-
-    def _clip_gradients(self, optimizer) -> Tensor:
-        max_norm = self.optim_cfg.max_grad_norm
-        strategy = self.trainer.strategy
-        if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            # gradients are already averaged over processes here, so every rank computes the same norm
-            params = [p for p in self.policy.parameters() if p.grad is not None]
-            return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
-        if max_norm is not None and type(strategy).__name__ != "DeepSpeedStrategy":  # DeepSpeed clips in its config
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-        return torch.tensor(math.nan)
 
     def _count_step(self, result: UpdateResult) -> None:
         self.consecutive_bad_steps = self.consecutive_bad_steps + 1 if result.skipped else 0
@@ -335,8 +322,15 @@ class DAPOModule(LightningModule):
             return
         self.val_metrics.update(self.make_rollout(batch, stage="val"))
 
+    def on_train_epoch_end(self) -> None:
+        report = getattr(self.trainer.datamodule, "report_skipped_rows", None)  # a collective: every process
+        if report is not None:
+            report("train")  # one line when rows were skipped (data.on_bad_row: skip)
+
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
+        report = getattr(self.trainer.datamodule, "report_skipped_rows", None)  # before the sanity check returns
+        skipped = report("val") if report is not None else 0
+        values = {**self.val_metrics.compute(), "val/skipped_rows": float(skipped)}
         accuracy = values["val/accuracy"]
         if self.trainer.sanity_checking:
             self.accuracy_before_training = accuracy
@@ -346,17 +340,14 @@ class DAPOModule(LightningModule):
         rank_zero_info(f"[eval] step {self.global_step}: accuracy {accuracy:.3f}, reward {values['val/reward_mean']:.3f}")
 
     def configure_optimizers(self):
-        trainable = (p for _, p in self.trainable_parameters())
+        trainable = (p for p in self.policy.parameters() if p.requires_grad)
         return build_optimizer(trainable, self.optim_cfg, self.total_optimizer_steps())
 
     def on_fit_end(self) -> None:
         if not self.export_final or self.trainer.interrupted or self.trainer.global_rank != 0:
             return
-        target = self.export_dir
-        target.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(target)
-        self.actor.processor.save_pretrained(target)
-        rank_zero_info(f"saved the trained {'adapter' if self.policy_cfg.lora else 'policy'} to {target}")
+        export_pretrained(self.policy, self.actor.processor, self.export_dir)
+        rank_zero_info(f"saved the trained {'adapter' if self.policy_cfg.lora else 'policy'} to {self.export_dir}")
         if self.accuracy_before_training is not None and self.trainer.callback_metrics.get("val/accuracy") is not None:
             after = float(self.trainer.callback_metrics["val/accuracy"])
             rank_zero_info(f"[eval] accuracy before training {self.accuracy_before_training:.3f} -> after {after:.3f}")

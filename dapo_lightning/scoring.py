@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +13,7 @@ import torch
 from torch import Tensor
 
 from dapo_lightning.advantages import combine_rewards, group_advantages, normalize_then_sum
-from dapo_lightning.batch import RolloutBatch
+from dapo_lightning.batch import RolloutBatch, SourceRow
 from dapo_lightning.guards import Fault
 from dapo_lightning.rewards.registry import RewardSpec
 
@@ -43,7 +45,7 @@ def reward_table(
     kwargs: dict[str, Any],
     *,
     on_error: str = "raise",
-    dataset_rows: Sequence[int] | None = None,
+    dataset_rows: Sequence[SourceRow] | Sequence[int] | None = None,
 ) -> RewardTable:
     """Call each reward in order on all completions.
 
@@ -57,9 +59,10 @@ def reward_table(
     inputs, one sample at a time, to find the samples it fails on; group rewards (those
     with ``needs``, like ``vgr``, whose value depends on the whole group) are only called
     per group, so a failure names the group's rows. ``on_error="raise"`` raises
-    :class:`RewardError` naming the reward, the sample, its dataset row (``dataset_rows``:
-    one per completion) and an escaped preview of the completion; ``"zero"`` scores the
-    failing samples 0, keeps every other sample's value, and lists the rows in ``errors``.
+    :class:`RewardError` naming the reward, the sample, its question's parquet file and row
+    (``dataset_rows``: one ``SourceRow`` per completion, or positions) and an escaped preview
+    of the completion; ``"zero"`` scores the failing samples 0, keeps every other sample's
+    value, and lists the rows in ``errors``.
     """
     if on_error not in ON_REWARD_ERROR:
         raise ValueError(f"on_error: choose from {ON_REWARD_ERROR}, got {on_error!r}")
@@ -89,11 +92,23 @@ def reward_table(
 
 
 def _call(spec: RewardSpec, completions: list, kwargs: dict[str, Any]) -> list[float | None]:
-    values = list(spec.fn(completions, **kwargs))
+    if _names_completions(spec.fn):  # by keyword, as TRL calls it: ``def f(prompts, completions, **kwargs)`` works
+        values = list(spec.fn(completions=completions, **kwargs))
+    else:  # the first positional parameter, whatever its name (``def f(texts, **kwargs)``)
+        values = list(spec.fn(completions, **kwargs))
     if len(values) != len(completions):
         raise RewardError(f"reward {spec.name!r} returned {len(values)} values for {len(completions)} completions",
                           spec.name)
     return [None if v is None else float(v) for v in values]  # float() of anything else raises: located below
+
+
+@functools.lru_cache(maxsize=256)
+def _names_completions(fn) -> bool:
+    """Whether ``fn`` has a parameter called ``completions`` (then it is passed by that name)."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or a callable without a signature: positional
+        return False
 
 
 def _rows_of(kwargs: dict[str, Any], start: int, stop: int, n: int) -> dict[str, Any]:
@@ -134,10 +149,14 @@ def _locate_failures(spec, completions, kwargs, error, on_error, dataset_rows) -
         return [0.0] * n, list(range(n))
     if on_error == "raise":
         start, stop, first = failed[0]
-        where = f"sample {start}" if stop - start == 1 else f"samples {start}-{stop - 1} (the group; {spec.name!r} " \
-            "scores whole groups)"
-        if dataset_rows is not None and start < len(dataset_rows):
-            where += f", dataset row {dataset_rows[start]}"
+        question = dataset_rows[start] if dataset_rows is not None and start < len(dataset_rows) else None
+        source = "" if question is None else f"from {question}" if isinstance(question, SourceRow) else \
+            f"dataset row {question}"
+        if stop - start == 1:
+            where = f"sample {start}" + (f" ({source})" if source else "")
+        else:
+            where = f"samples {start}-{stop - 1} (the group{f', {source}' if source else ''}; {spec.name!r} scores " \
+                "whole groups)"
         also = f"; {len(failed) - 1} more failing" if len(failed) > 1 else ""
         raise RewardError(
             f"reward {spec.name!r} raised {type(first).__name__}: {first} on {where}{also}; completion "
@@ -160,6 +179,7 @@ def score(
     extra_kwargs: dict[str, Any] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
     on_reward_error: str = "raise",
+    conversational: bool = False,
 ) -> RolloutBatch:
     """Fill ``rewards_per_func``, ``rewards`` and ``advantages`` of ``rollout`` (in place; returns it).
 
@@ -169,19 +189,24 @@ def score(
     (``advantages.normalize_then_sum``). ``gather`` [N] -> [W * N] gives every process's values
     for the batch-wide statistics (None: this process's). Rewards that returned NaN or inf are
     recorded in ``rollout.faults``; samples a reward raised on and that scored 0
-    (``on_reward_error="zero"``) are counted in ``rollout.reward_errors``.
+    (``on_reward_error="zero"``) are counted in ``rollout.reward_errors``. ``conversational``
+    passes each completion as TRL does for chat data, ``[{"role": "assistant", "content": text}]``
+    (the built-in rewards read either shape).
     """
     kwargs = {**rollout.reward_kwargs(), **(extra_kwargs or {})}
+    completions = rollout.completions
+    if conversational:  # TRL's shape for chat datasets: each completion a list of one assistant message
+        completions = [[{"role": "assistant", "content": text}] for text in completions]
     device = rollout.completion_ids.device
     G = rollout.num_generations
-    index = rollout.prompts.index
-    dataset_rows = [index[i // G] for i in range(rollout.num_rows)] if len(index) * G == rollout.num_rows else None
-    table = reward_table(specs, rollout.completions, kwargs, on_error=on_reward_error, dataset_rows=dataset_rows)
+    where = rollout.prompts.locations()  # [B] each prompt's parquet file and row (or its position)
+    dataset_rows = [where[i // G] for i in range(rollout.num_rows)] if len(where) * G == rollout.num_rows else None
+    table = reward_table(specs, completions, kwargs, on_error=on_reward_error, dataset_rows=dataset_rows)
     per_func = table.values.to(device)  # [N, K]
     for k, spec in enumerate(specs):
         rows = table.nonfinite[:, k].nonzero().flatten().tolist()
         if rows:
-            rollout.faults.append(Fault(f"rewards/{spec.name}", tuple(rows)).located(index, G))
+            rollout.faults.append(Fault(f"rewards/{spec.name}", tuple(rows)).located(where, G))
     rollout.reward_errors = {name: len(rows) for name, rows in table.errors.items()}
     weights = rollout.reward_weights.to(device=device, dtype=per_func.dtype)  # [K]
     rewards = combine_rewards(per_func, weights)  # [N]

@@ -20,6 +20,11 @@
   asynchronous one) is left alone, and so is DeepSpeed, which writes its own folder of shards
   through its engine and never calls a ``CheckpointIO``.
 
+- :func:`load_checkpoint_file` (and the writer's loads): a checkpoint that cannot be read because
+  it is damaged (cut short, empty, not a checkpoint) is a :class:`DamagedCheckpointError` naming
+  the file and the newest intact checkpoint beside it, not torch's traceback (whose advice, to
+  load with ``weights_only=False``, is the wrong one for a damaged file).
+
 - :func:`probe_writable`: create, write, ``fsync`` and remove a small file in a folder, so an
   unwritable or full output folder is an error naming the folder before the first step,
   not after hours of training.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -41,7 +47,8 @@ from lightning.pytorch.utilities import rank_zero_info
 PARTIAL_SUFFIX = ".partial"
 
 
-def _is_local(path: Any) -> bool:
+def is_local(path: Any) -> bool:
+    """Whether ``path`` is on this machine's file system (not an object store such as ``s3://``)."""
     from fsspec.utils import get_protocol
 
     return get_protocol(str(path)) in ("file", "local")
@@ -68,7 +75,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     removed = []
     for candidate in folder.glob(f".*{PARTIAL_SUFFIX}"):
         pid = candidate.name[: -len(PARTIAL_SUFFIX)].rpartition(".")[2]
-        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
             continue
         try:
             candidate.unlink()
@@ -78,7 +85,8 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,6 +101,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: 
 
     On ``OSError`` (disk full, permission, quota) the temporary file is removed and an
     ``OSError`` with the same ``errno`` names ``path``; whatever was at ``path`` before is untouched.
+    That includes an ``OSError`` hidden behind another error: torch's zip writer turns a failed
+    write into ``RuntimeError('[enforce fail at inline_container.cc:...] . unexpected pos ...')``,
+    with the file's ``OSError`` only as its context.
     """
     path = Path(path)
     temp = partial_path(path)
@@ -109,10 +120,29 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, what: 
             temp.unlink()
         except OSError:
             pass
-        if isinstance(error, OSError):
+        cause = os_error_behind(error)
+        if cause is not None:
             before = "the previous file there is unchanged" if path.exists() else "nothing was written there"
-            raise OSError(error.errno, f"cannot write the {what} {path} ({error.strerror or error}); {before}") from error
+            message = f"cannot write the {what} {path} ({cause.strerror or cause}); {before}"
+            raise OSError(cause.errno, message) from cause
         raise
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """``error`` if it is an ``OSError``, else the first ``OSError`` it was raised from or while handling.
+
+    Only for errors (``Exception``): a Ctrl-C or a ``SystemExit`` stays what it is.
+    """
+    if not isinstance(error, Exception):
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -123,7 +153,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._swept: set[Path] = set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local(path):
+        if storage_options is not None or not is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)  # object stores: a put is atomic already
             return
         path = Path(path)
@@ -140,8 +170,62 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None):
         # Plain tensors and containers only: a checkpoint from elsewhere cannot run code when it is read.
-        return super().load_checkpoint(path, map_location=map_location,
-                                       weights_only=True if weights_only is None else weights_only)
+        try:
+            return super().load_checkpoint(path, map_location=map_location,
+                                           weights_only=True if weights_only is None else weights_only)
+        except Exception:
+            if is_local(path) and Path(path).is_file() and not is_intact(path):
+                raise DamagedCheckpointError(describe_damaged(Path(path))) from None  # not torch's weights_only advice
+            raise
+
+
+# --- reading checkpoints --------------------------------------------------------------------------------
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read: cut short, empty, or not a checkpoint at all."""
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``; a damaged file is a :class:`DamagedCheckpointError` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:
+        if Path(path).is_file() and not is_intact(path):
+            raise DamagedCheckpointError(describe_damaged(Path(path))) from None
+        raise
+
+
+def is_intact(path: str | Path) -> bool:
+    """Whether ``path`` is a whole checkpoint file: torch's zip format, its index (written last) complete and
+    listing the pickled object. Reads the index only, not the tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def describe_damaged(path: Path) -> str:
+    """The error for a damaged checkpoint: what is wrong with it, and the newest intact ``*.ckpt`` beside it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        what = "empty (0 bytes)"
+    elif head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # a zip archive's start, not its end (the index)
+        what = f"truncated (its zip index is missing), {size} bytes"
+    else:
+        what = f"not a torch checkpoint, {size} bytes"
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    intact = next((p for p in others if is_intact(p)), None)
+    if intact is None:
+        advice = "no intact checkpoint beside it: start a new run, or restore the file from a copy"
+    else:
+        advice = (f"the newest intact checkpoint beside it is {intact}: resume from it with --ckpt_path {intact} "
+                  "(ckpt_path= in Python)")
+    return f"checkpoint {path} is damaged: {what}; {advice}"
 
 
 def install_atomic_checkpoint_io(trainer) -> bool:

@@ -20,10 +20,12 @@ count towards ``max_steps``). The decision is all-reduced, so every process skip
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
 from dapo_lightning import distributed, guards
@@ -51,6 +53,53 @@ class TrainingHost(Protocol):
         ...
 
     def discard_gradients(self) -> None: ...
+
+
+class LightningHost:
+    """The ``TrainingHost`` of a LightningModule in manual optimisation (``DAPOModule``).
+
+    Its log-probs and backward are the module's own (looked up at call time, so a test can patch
+    them); the optimizer step clips the gradient norm (``max_grad_norm``, None: measured only),
+    steps the optimizer and the learning-rate scheduler and drops the gradients.
+    """
+
+    def __init__(self, module, max_grad_norm: float | None):
+        self.module, self.max_grad_norm = module, max_grad_norm
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    def completion_logps(self, rollout, rows, *, with_entropy=False, width=None) -> LogProbs:
+        return self.module.completion_logps(rollout, rows, with_entropy=with_entropy, width=width)
+
+    def manual_backward(self, loss: Tensor) -> None:
+        self.module.manual_backward(loss)
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self.module.policy.named_parameters() if p.requires_grad]
+
+    def step_optimizer(self) -> Tensor:
+        optimizer, scheduler = self.module.optimizers(), self.module.lr_schedulers()
+        norm = self.clip_gradients(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return norm
+
+    def discard_gradients(self) -> None:
+        self.module.optimizers().zero_grad(set_to_none=True)
+
+    def clip_gradients(self, optimizer) -> Tensor:
+        """Clip to ``max_grad_norm``; the norm before clipping (NaN where the strategy does not report it)."""
+        strategy = self.module.trainer.strategy
+        if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            # gradients are already averaged over processes here, so every rank computes the same norm
+            params = [p for p in self.module.policy.parameters() if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
+        if self.max_grad_norm is not None and type(strategy).__name__ != "DeepSpeedStrategy":  # DeepSpeed: its JSON
+            self.module.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        return torch.tensor(math.nan)
 
 
 @dataclass(frozen=True)
@@ -208,7 +257,7 @@ def _skip(result: UpdateResult, checks, host: TrainingHost, rollout: RolloutBatc
             found = [guards.Fault("logps", tuple(rows[i] for i in bad.nonzero().flatten().tolist()))] if bad.any() else []
             if not bool(finite):
                 found.append(guards.Fault("loss", tuple(rows)))
-            result.faults += [f.located(rollout.prompts.index, rollout.num_generations) for f in found]
+            result.faults += [f.located(rollout.prompts.locations(), rollout.num_generations) for f in found]
         return True
     if in_gradients:
         fault = guards.gradient_fault_of(names, norms)

@@ -151,3 +151,41 @@ def test_the_progress_bar_does_not_show_a_negative_epoch_count(tmp_path, tiny_mo
     by_epochs = Trainer(max_epochs=4, callbacks=[StepBoundedRichProgressBar()], logger=False, default_root_dir=tmp_path)
     by_epochs.progress_bar_callback.setup(by_epochs, None, "fit")
     assert by_epochs.progress_bar_callback._get_train_description(1).strip() == "Epoch 1/3"  # unchanged
+
+
+def test_ckpt_path_last_takes_the_newest_last_file_of_the_checkpoint_folders_and_the_shutdown_folder(tmp_path):
+    import os
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dapo_lightning.shutdown import newest_last_checkpoint
+
+    def write(path, mtime):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+        return path
+
+    ckpt, shutdown = tmp_path / "ckpt", tmp_path / "run" / "checkpoints"  # a ModelCheckpoint's, GracefulShutdown's
+    write(ckpt / "last.ckpt", 100)
+    write(shutdown / "last.ckpt", 200)
+    newest = write(ckpt / "last-v1.ckpt", 300)
+    write(ckpt / "epoch=0-step=2.ckpt", 500)  # not a "last" file
+    write(shutdown / ".last.ckpt.123.partial", 900)  # an unfinished write
+    write(shutdown / "last-notes.txt", 900)
+    with_callback = Trainer(default_root_dir=tmp_path / "run", logger=False, callbacks=[ModelCheckpoint(dirpath=ckpt)])
+    assert newest_last_checkpoint(with_callback) == str(newest)
+    shutdown_v2 = write(shutdown / "last-v2.ckpt", 400)  # a second stopped run
+    assert newest_last_checkpoint(with_callback) == str(shutdown_v2)
+    without = Trainer(default_root_dir=tmp_path / "run", logger=False, enable_checkpointing=False)
+    assert newest_last_checkpoint(without) == str(shutdown_v2)
+    assert newest_last_checkpoint(Trainer(default_root_dir=tmp_path / "new", logger=False,
+                                          enable_checkpointing=False)) is None
+
+
+def test_the_resume_command_drops_the_previous_ckpt_path():
+    from dapo_lightning.cli import without_ckpt_path
+
+    args = ["fit", "--config", "a.yaml", "--ckpt_path", "last", "--trainer.max_steps=3", "--ckpt_path=x.ckpt"]
+    assert without_ckpt_path(args) == ["fit", "--config", "a.yaml", "--trainer.max_steps=3"]

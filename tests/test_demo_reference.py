@@ -8,8 +8,10 @@ One intended change since: ``rollout_results.md``'s digest was re-recorded after
 made per-row annotations travel with their groups. Before, a step whose groups the replay
 buffer or dynamic sampling had moved lost its attention report, so its section had no
 "Attention (VGR / AEI)" table and its samples no "Attention metrics"; now they are there
-(a diff of the two files shows only those lines added). Parameters and scalars are the
-pre-redesign recording.
+(a diff of the two files shows only those lines added). Both logs' digests were re-recorded
+again when every sample's summary line came to name its question's parquet file and row
+(issue 13: "Sample 1: rollout row 0, group 0 (from data.parquet: row 14), ..."). Parameters
+and scalars are the pre-redesign recording.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from tests.reference.demo_fingerprint import REFERENCES, STEPS, fingerprint, markdown_digests, run, scalars
 
 
-# scalars logged since the recording, on purpose (issue 12: images the data module shrank to fit the prompt limit)
-ADDED_SINCE = {"train/resized_rows"}
+# scalars logged since the recording, on purpose (issue 12: images the data module shrank to fit the prompt limit;
+# issue 13: validation rows skipped as unusable)
+ADDED_SINCE = {"train/resized_rows", "val/skipped_rows"}
 
 
 def assert_same_tensors(actual: dict, expected: dict) -> None:

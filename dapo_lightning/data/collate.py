@@ -9,6 +9,11 @@ error (``data.on_bad_row=error``) or is dropped; in training the next usable row
 dataset takes its place, so every process keeps full batches and DDP's processes stay in
 step. :class:`_Refill` holds that drop-and-refill bookkeeping for one batch; the rows left
 after a drop are encoded again with their replacements.
+
+A row arrives with ``"_index"``, its position in the dataset (what the refill looks rows up
+by), and ``"_source_row"``, its parquet file and row (``data/locations.py``): every ``BadRow``
+names the latter, numbered as ``data_prep validate`` numbers rows, and so does the batch
+(``PromptBatch.source_rows``). The rows dropped are listed in the batch (``PromptBatch.skipped``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dapo_lightning.batch import PromptBatch
+from dapo_lightning.batch import PromptBatch, SourceRow
 from dapo_lightning.data import rows as mcq
 from dapo_lightning.data.image_fit import ImageGrid, shrink_to_fit
 from dapo_lightning.prompts import SYSTEM_PROMPT, build_messages, special_token_strings, special_tokens_in
@@ -30,7 +35,7 @@ class _Prepared(NamedTuple):
 
     text: str  # the rendered chat template
     image: Image.Image  # RGB, fits max_image_side (and, when fitted, the prompt's token budget)
-    row: dict[str, Any]  # the dataset row ("_index" included), its solution upper-cased and stripped
+    row: dict[str, Any]  # the dataset row ("_index", "_source_row" included), its solution upper-cased and stripped
     resized: bool = False  # the image was shrunk for the prompt to fit max_prompt_length
 
 
@@ -40,16 +45,16 @@ class _Refill:
     ``pending``: rows still to prepare, first in first out; a replacement joins at the end.
     ``taken``: dataset indices this batch already holds (kept, dropped or pending), never
     chosen as replacements. ``known_bad``: the collator's unusable indices, shared by all its
-    batches, so a row found bad once is not tried again as a replacement. ``skipped``: rows
-    this batch dropped. Without ``refill_from`` (validation) a dropped row is not replaced,
-    so each held-out row is scored at most once.
+    batches, so a row found bad once is not tried again as a replacement. ``skipped``: why
+    each row this batch dropped was unusable, in order. Without ``refill_from`` (validation)
+    a dropped row is not replaced, so each held-out row is scored at most once.
     """
 
     def __init__(self, rows: list[dict[str, Any]], *, on_bad_row: str, refill_from: Dataset | None,
                  known_bad: set[int]):
         self.pending: deque[dict[str, Any]] = deque(rows)
         self.taken = {row["_index"] for row in rows}
-        self.skipped = 0
+        self.skipped: list[mcq.BadRow] = []
         self.on_bad_row = on_bad_row
         self.refill_from = refill_from
         self.known_bad = known_bad
@@ -58,7 +63,7 @@ class _Refill:
         """``on_bad_row=error``: raise ``error``. ``skip``: count row ``index``, mark it bad, queue its replacement."""
         if self.on_bad_row == "error":
             raise error
-        self.skipped += 1
+        self.skipped.append(error)
         self.known_bad.add(index)
         replacement = self._replacement(after=index)
         if replacement is not None:
@@ -111,6 +116,7 @@ class PromptCollator:
         on_bad_row: str,
         refill_from: Dataset | None = None,
         fit_images_to_prompt: bool = True,
+        max_image_pixels: int = mcq.DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self.processor = processor
         self.source = source
@@ -120,6 +126,7 @@ class PromptCollator:
         self.on_bad_row = on_bad_row
         self.refill_from = refill_from
         self.fit_images_to_prompt = fit_images_to_prompt
+        self.max_image_pixels = max_image_pixels
         self._bad: set[int] = set()  # rows known to be unusable (not retried as replacements)
         self._special = special_token_strings(getattr(processor, "tokenizer", None))
         self._grid: ImageGrid | None = None  # the processor's image rules (image_fit.py)
@@ -136,7 +143,8 @@ class PromptCollator:
             kept = kept + self._prepare_pending(refill)
             if not kept:
                 if self.refill_from is not None:
-                    raise mcq.BadRow(self.source, rows[0]["_index"], "no usable row is left to fill a batch")
+                    first = self.where(rows[0])
+                    raise mcq.BadRow(first.file, first.row, "no usable row is left to fill a batch")
                 return PromptBatch.empty().with_skipped(refill.skipped)
             kept, encoded = self._encode(kept, refill)
         return self._batch(kept, encoded).with_skipped(refill.skipped)
@@ -152,24 +160,30 @@ class PromptCollator:
                 refill.drop(row["_index"], error)
         return prepared
 
+    def where(self, row: dict[str, Any]) -> SourceRow:
+        """The parquet file and row of a dataset row (rows made without one: this collator's source, their position)."""
+        return row.get("_source_row") or SourceRow(self.source, row["_index"])
+
     def _prepare(self, row: dict[str, Any]) -> _Prepared:
-        index = row["_index"]
-        solution = mcq.check_text(row.get("problem"), row.get("solution"), source=self.source, row=index,
+        where = self.where(row)
+        solution = mcq.check_text(row.get("problem"), row.get("solution"), source=where.file, row=where.row,
                                   require_options=True)
         found = special_tokens_in(row["problem"], self._special)
         if found:
-            raise mcq.BadRow(self.source, index, f"problem contains the special token(s) {', '.join(map(repr, found))}, "
-                             "which the tokenizer would read as control tokens, not text", mcq.CONTROL_TOKEN)
-        image = mcq.decode_image(row.get("image"), source=self.source, row=index, max_side=self.max_image_side)
+            raise mcq.BadRow(where.file, where.row, f"problem contains the special token(s) "
+                             f"{', '.join(map(repr, found))}, which the tokenizer would read as control tokens, not "
+                             "text", mcq.CONTROL_TOKEN)
+        image = mcq.decode_image(row.get("image"), source=where.file, row=where.row, max_side=self.max_image_side,
+                                 max_pixels=self.max_image_pixels)
         text = self.processor.apply_chat_template(
             build_messages(row["problem"], self.system_prompt), tokenize=False, add_generation_prompt=True
         )
         fitted = image
         if self.fit_images_to_prompt and self.max_prompt_length is not None:
-            fitted = self._fit(image, text, index)
-        return _Prepared(text, fitted, {**row, "solution": solution}, resized=fitted is not image)
+            fitted = self._fit(image, text, where)
+        return _Prepared(text, fitted, {**row, "solution": solution, "_source_row": where}, resized=fitted is not image)
 
-    def _fit(self, image: Image.Image, text: str, index: int) -> Image.Image:
+    def _fit(self, image: Image.Image, text: str, where: SourceRow) -> Image.Image:
         """``image``, shrunk as little as needed for the prompt ``text`` to fit ``max_prompt_length`` (``image_fit``).
 
         The budget is ``max_prompt_length`` minus the prompt's text tokens, counted by the
@@ -185,12 +199,12 @@ class PromptCollator:
         try:
             fitted = shrink_to_fit(image, self._grid, limit - text_tokens)
         except ValueError as error:  # smart_resize's aspect-ratio limit: the processor would refuse the image too
-            raise mcq.BadRow(self.source, index, f"the processor cannot encode it ({type(error).__name__}: {error})",
-                             mcq.UNENCODABLE) from error
+            raise mcq.BadRow(where.file, where.row, f"the processor cannot encode it ({type(error).__name__}: "
+                             f"{error})", mcq.UNENCODABLE) from error
         if fitted is None:
             rows, columns = self._grid.fewest(image.height, image.width)
             raise mcq.BadRow(
-                self.source, index,
+                where.file, where.row,
                 f"prompt has {text_tokens} text tokens and at least {rows * columns} image tokens (the "
                 f"{image.width}x{image.height} image shrunk to {columns}x{rows} cells of {self._grid.factor} px), "
                 f"{text_tokens + rows * columns} in all, more than data.max_prompt_length={limit}",
@@ -227,7 +241,8 @@ class PromptCollator:
                 self.processor(text=[item.text], images=[item.image], padding=True, return_tensors="pt")
             except Exception as error:
                 reason = f"the processor cannot encode it ({type(error).__name__}: {error})"
-                rejected[position] = mcq.BadRow(self.source, item.row["_index"], reason, mcq.UNENCODABLE)
+                where = item.row["_source_row"]
+                rejected[position] = mcq.BadRow(where.file, where.row, reason, mcq.UNENCODABLE)
         return rejected
 
     def _too_long(self, prepared: list[_Prepared], encoded) -> dict[int, mcq.BadRow]:
@@ -235,7 +250,7 @@ class PromptCollator:
         lengths = encoded["attention_mask"].sum(-1).tolist()  # [B] prompt tokens, padding excluded
         limit = self.max_prompt_length
         return {
-            position: mcq.BadRow(self.source, item.row["_index"],
+            position: mcq.BadRow(*item.row["_source_row"],
                                  f"prompt has {n} tokens, more than data.max_prompt_length={limit}",
                                  mcq.PROMPT_TOO_LONG)
             for position, (item, n) in enumerate(zip(prepared, lengths))
@@ -244,7 +259,7 @@ class PromptCollator:
 
     def _batch(self, kept: list[_Prepared], encoded) -> PromptBatch:
         rows = [item.row for item in kept]
-        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("image", "_index")}
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("image", "_index", "_source_row")}
         return PromptBatch(
             input_ids=encoded["input_ids"],  # [B, P] left-padded
             attention_mask=encoded["attention_mask"],  # [B, P]
@@ -255,6 +270,8 @@ class PromptCollator:
             prompts=[item.text for item in kept],
             columns=columns,
             index=[r["_index"] for r in rows],
+            source_rows=[r["_source_row"] for r in rows],
+            images=[item.image for item in kept],
             num_resized=sum(item.resized for item in kept),
         )
 

@@ -14,6 +14,11 @@ DDP), and a run resumed mid-epoch continues where the checkpointed run stopped
 (Lightning restarts a plain loader's epoch from its first batch); the data module's
 ``state_dict`` keeps what that needs. Validation uses ``ShardSampler``, a sharding sampler
 without padding, so every held-out question is scored exactly once and the metrics are exact.
+
+Datasets serve rows by position (what the samplers and the refill look up); each row also
+carries its parquet file and row (``data/locations.py``), which every message names. Rows
+skipped as unusable are counted as batches arrive and summarised once an epoch
+(``report_skipped_rows``, ``data/skipped.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from dapo_lightning.batch import PromptBatch
+from dapo_lightning.batch import PromptBatch, SourceRow
 from dapo_lightning.data import rows as mcq
+from dapo_lightning.data import skipped as skipped_rows
 from dapo_lightning.data.collate import PromptCollator
+from dapo_lightning.data.locations import RowLocator, split_rows
 from dapo_lightning.data.samplers import ResumableShuffleSampler, ShardSampler
 from dapo_lightning.prompts import SYSTEM_PROMPT
 
@@ -50,17 +58,24 @@ class SyntheticData:
 
 
 class VisualMCQDataset(Dataset):
-    """Rows of a DDM table, images left undecoded until a batch is built (so a bad row is named, not fatal at load)."""
+    """Rows of a DDM table, images left undecoded until a batch is built (so a bad row is named, not fatal at load).
 
-    def __init__(self, table, source: str):
+    Each row comes with ``"_index"``, its position here, and ``"_source_row"``, its parquet file
+    and row (from ``locations``; without one: ``source`` and the position).
+    """
+
+    def __init__(self, table, source: str, locations: RowLocator | None = None):
         self.table = table
         self.source = source
+        self.locations = locations
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.table[int(index)], "_index": int(index)}
+        index = int(index)
+        where = self.locations.at(index) if self.locations is not None else SourceRow(self.source, index)
+        return {**self.table[index], "_index": index, "_source_row": where}
 
 
 class VisualMCQDataModule(LightningDataModule):
@@ -85,6 +100,7 @@ class VisualMCQDataModule(LightningDataModule):
         max_prompt_length: int | None = None,
         fit_images_to_prompt: bool = True,
         on_bad_row: Literal["error", "skip"] = "error",
+        max_image_pixels: int = mcq.DEFAULT_MAX_IMAGE_PIXELS,
         build_synthetic_if_missing: SyntheticData | dict | None = None,
     ):
         """
@@ -106,7 +122,10 @@ class VisualMCQDataModule(LightningDataModule):
             max_prompt_length: Most tokens of an encoded prompt (text + image); longer rows are an error (or skipped).
             fit_images_to_prompt: Shrink an image just enough for its prompt to fit ``max_prompt_length`` (Qwen's 28-px
                 grid, aspect ratio kept) and count it (``train/resized_rows``); false: such rows are too long.
-            on_bad_row: ``error`` stops at the first unusable row, naming it; ``skip`` drops and counts such rows.
+            on_bad_row: ``error`` stops at the first unusable row, naming its file and row; ``skip`` drops such rows,
+                counts them (``train/skipped_rows``, ``val/skipped_rows``) and sums them up at the end of each epoch.
+            max_image_pixels: Images with more pixels are unusable rows, refused before they are decoded (decompression
+                bombs); the default is Pillow's own limit, 89478485 (about 9459x9459). Raise it only for trusted data.
             build_synthetic_if_missing: When ``train_path`` does not exist, write synthetic questions there first.
         """
         super().__init__()
@@ -118,12 +137,17 @@ class VisualMCQDataModule(LightningDataModule):
             raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row: choose from error, skip; got {on_bad_row!r}")
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise ValueError(f"data.max_image_pixels: must be a whole number >= 1, got {max_image_pixels!r}")
         if isinstance(build_synthetic_if_missing, SyntheticData):
             # plain values in the checkpoint: a dataclass there would not load with weights_only=True (no resume)
             build_synthetic_if_missing = asdict(build_synthetic_if_missing)
         self.save_hyperparameters()
         self.train_table = None
         self.eval_table = None
+        self.train_locations: RowLocator | None = None  # position in train_table -> parquet file and row
+        self.eval_locations: RowLocator | None = None
+        self.skipped = skipped_rows.SkippedRows()  # rows dropped as unusable, per stage, since the last report
         self._processor = None
         self._train_sampler: ResumableShuffleSampler | None = None
         self._saved_order: dict | None = None
@@ -133,20 +157,26 @@ class VisualMCQDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_table is not None:
             return
-        table, source = self._load(self.hparams.train_path, self.hparams.dataset_name, self.hparams.dataset_split)
+        table, source, locations = self._load(self.hparams.train_path, self.hparams.dataset_name,
+                                              self.hparams.dataset_split)
         self.source = source
         if self.hparams.eval_path:
-            eval_table, eval_source = self._load(self.hparams.eval_path, None, None)
+            eval_table, eval_source, eval_locations = self._load(self.hparams.eval_path, None, None)
             self.eval_source = eval_source
         else:
-            split = table.train_test_split(test_size=self.hparams.eval_ratio, seed=self.hparams.split_seed)
-            table, eval_table = split["train"], split["test"]
+            # one split of the row numbers, applied to the rows and to their locations (the split datasets makes)
+            train_rows, eval_rows = split_rows(len(table), self.hparams.eval_ratio, self.hparams.split_seed)
+            table, eval_table = table.select(train_rows), table.select(eval_rows)
+            locations, eval_locations = locations.select(train_rows), locations.select(eval_rows)
             self.eval_source = f"{source} (held-out {self.hparams.eval_ratio:g})"
         if self.hparams.eval_limit is not None:
-            eval_table = eval_table.select(range(min(self.hparams.eval_limit, len(eval_table))))
+            kept = range(min(self.hparams.eval_limit, len(eval_table)))
+            eval_table, eval_locations = eval_table.select(kept), eval_locations.select(kept)
         self.train_table, self.eval_table = table, eval_table
+        self.train_locations, self.eval_locations = locations, eval_locations
 
     def _load(self, path: str | None, name: str | None, split: str | None):
+        """(table, source, locations) of a parquet file, a folder of them (empty files left out) or a hub split."""
         from datasets import Dataset, Image as ImageFeature, load_dataset
 
         if path:
@@ -156,6 +186,10 @@ class VisualMCQDataModule(LightningDataModule):
             files = sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else [str(p)]
             if not files:
                 raise FileNotFoundError(f"{path}: folder holds no .parquet files")
+            counts = [_parquet_rows(f) for f in files]
+            if not any(counts):
+                raise ValueError(f"{path}: no rows ({'an empty parquet file' if not p.is_dir() else _empty(files)})")
+            files, counts = [f for f, n in zip(files, counts) if n], [n for n in counts if n]  # datasets refuses them
             try:
                 table = Dataset.from_parquet(files if len(files) > 1 else files[0])
             except Exception as error:  # pyarrow raises several types for a file that is not parquet
@@ -164,12 +198,15 @@ class VisualMCQDataModule(LightningDataModule):
         else:
             table = load_dataset(name, self.hparams.dataset_config, split=split)
             source = f"{name}[{split}]"
+            files, counts = [source], [len(table)]
+        if len(table) != sum(counts):
+            raise ValueError(f"{source}: read {len(table)} rows, but its files hold {sum(counts)}")
         missing = mcq.missing_columns(table.column_names)
         if missing:
             raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; a DDM file has {', '.join(mcq.COLUMNS)}")
         if isinstance(table.features["image"], ImageFeature):
             table = table.cast_column("image", ImageFeature(decode=False))  # decode in the collator, row named on error
-        return table, source
+        return table, source, RowLocator(files, counts)
 
     # --- loaders -----------------------------------------------------------------------------------
 
@@ -193,6 +230,7 @@ class VisualMCQDataModule(LightningDataModule):
             fit_images_to_prompt=self.hparams.fit_images_to_prompt,
             on_bad_row=self.hparams.on_bad_row,
             refill_from=refill_from,
+            max_image_pixels=self.hparams.max_image_pixels,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -212,7 +250,7 @@ class VisualMCQDataModule(LightningDataModule):
             saved = self._saved_order or {}
             sampler.resume_at(epoch, done * batch_size, saved.get("seed") if saved.get("epoch") == epoch else None)
         self._train_sampler = sampler
-        dataset = VisualMCQDataset(self.train_table, self.source)
+        dataset = VisualMCQDataset(self.train_table, self.source, self.train_locations)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -247,7 +285,7 @@ class VisualMCQDataModule(LightningDataModule):
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
         return DataLoader(
-            VisualMCQDataset(self.eval_table, self.eval_source),
+            VisualMCQDataset(self.eval_table, self.eval_source, self.eval_locations),
             batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
             sampler=ShardSampler(len(self.eval_table), rank, world),
             num_workers=self.hparams.num_workers,
@@ -258,6 +296,44 @@ class VisualMCQDataModule(LightningDataModule):
         if isinstance(batch, PromptBatch):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # --- rows skipped as unusable ------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Counts the rows the collator dropped from ``batch`` (it may have run in a worker process; this runs here)."""
+        if isinstance(batch, PromptBatch) and batch.skipped and self.trainer is not None:
+            self.skipped.add("train" if self.trainer.training else "val", batch.skipped)
+        return batch
+
+    def report_skipped_rows(self, stage: str) -> int:
+        """Rows skipped in ``stage`` ("train" or "val") since the last call, summed over processes; counting restarts.
+
+        A collective: every process calls it (the module, at the end of each epoch). When rows
+        were skipped, rank zero logs one line: how many, of which kinds, and the file, row and
+        reason of the first one rank zero dropped (``data/skipped.py``).
+        """
+        counts, first = self.skipped.take(stage)
+        device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+        counts = skipped_rows.summed_over_processes(counts, device)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        line = skipped_rows.summary(stage, epoch, counts, first)
+        if line is not None:
+            rank_zero_info(line)
+        return sum(counts.values())
+
+
+def _parquet_rows(path: str) -> int:
+    """Rows of a parquet file, from its footer (no data read); a file that is not parquet is named."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as error:  # pyarrow raises several types for a file that is not parquet
+        raise ValueError(f"{path}: cannot be read as parquet ({type(error).__name__}: {error})") from error
+
+
+def _empty(files: list[str]) -> str:
+    return "its only parquet file is empty" if len(files) == 1 else f"its {len(files)} parquet files are empty"
 
 
 __all__ = ["SyntheticData", "VisualMCQDataModule", "VisualMCQDataset"]

@@ -47,6 +47,20 @@ def register_reward(
     return decorate
 
 
+def register_reward_object(fn: RewardFn) -> str:
+    """Register a function given as an object (``RewardConfig(reward_funcs=[my_reward])``) under its dotted path.
+
+    Its ``reward_needs``/``reward_provider_hint``/``reward_reads`` attributes declare what it reads,
+    as for a function named by its path. Returns the name.
+    """
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    existing = _REGISTRY.get(name)
+    if existing is None or existing.fn is not fn:
+        _REGISTRY[name] = RewardSpec(name, fn, tuple(getattr(fn, "reward_needs", ())),
+                                     getattr(fn, "reward_provider_hint", ""), tuple(getattr(fn, "reward_reads", ())))
+    return name
+
+
 def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 

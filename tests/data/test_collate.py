@@ -168,3 +168,18 @@ def test_an_image_the_processor_would_refuse_is_named_before_it_is_fitted(tmp_pa
                                      r"aspect ratio must be smaller than 200") as caught:
         next(iter(module.val_dataloader()))
     assert caught.value.kind == UNENCODABLE
+
+
+def test_the_pixel_limit_reaches_the_collator_and_is_validated(tmp_path, tiny_model_dir):
+    path = write(tmp_path / "wide.parquet", [row()])  # a 300x120 image: 36000 pixels
+    module = set_up(path, tiny_model_dir, eval_path=str(path), batch_size=1, max_image_pixels=36_000)
+    assert len(next(iter(module.val_dataloader()))) == 1
+    module = set_up(path, tiny_model_dir, eval_path=str(path), batch_size=1, max_image_pixels=35_999)
+    with pytest.raises(BadRow, match=r"wide.parquet: row 0: image is 300x120 pixels, more than 35999 pixels, the limit "
+                                     r"against decompression bombs \(data.max_image_pixels\)"):
+        next(iter(module.val_dataloader()))
+    from dapo_lightning.data import VisualMCQDataModule
+
+    for wrong in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match=rf"data.max_image_pixels: must be a whole number >= 1, got {wrong!r}"):
+            VisualMCQDataModule(train_path=str(path), max_image_pixels=wrong)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -165,6 +166,20 @@ class HalfWriteCheckpointIO(AtomicCheckpointIO):
         time.sleep(600)
 
 
+class WaitAt(Callback):
+    """At training step ``step`` (0-based global step): touch ``ready``, then wait until ``go`` exists."""
+
+    def __init__(self, step: int, ready: str, go: str, timeout: float = 240.0):
+        self.step, self.ready, self.go, self.timeout = step, ready, go, timeout
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            Path(self.ready).touch()
+            deadline = time.monotonic() + self.timeout
+            while not Path(self.go).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
 class SignalAt(RolloutCallback):
     """Sends ``signum`` to this process during training step ``step`` (``times`` times), as a scheduler would."""
 
@@ -175,6 +190,61 @@ class SignalAt(RolloutCallback):
         if rollout.stage == "train" and not rollout.is_extra and trainer.global_step == self.step:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+
+
+class RecordSteps(Callback):
+    """Appends the global step of every training batch this run trains to the JSON list in ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        import json
+
+        steps = json.loads(Path(self.path).read_text()) if Path(self.path).exists() else []
+        Path(self.path).write_text(json.dumps([*steps, trainer.global_step]))
+
+
+def steps_trained(path: Path) -> list[int]:
+    """What :class:`RecordSteps` wrote (and forget it, for the next run)."""
+    import json
+
+    steps = json.loads(path.read_text()) if path.exists() else []
+    path.unlink(missing_ok=True)
+    return steps
+
+
+# --- a really full disk ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "3m", *, fill: bool = False):
+    """A tmpfs of ``size`` mounted at ``folder`` (``fill``: with no byte left free), unmounted afterwards.
+
+    Skips the test only where mounting is not permitted (not root, or a container without the
+    right to mount); any other failure to mount is a test failure.
+    """
+    import pytest
+
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs is not permitted here (needs root on Linux); CI runs this as root")
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        reason = mount.stderr.strip()
+        if any(word in reason.lower() for word in ("permission denied", "not permitted", "must be superuser")):
+            pytest.skip(f"mounting a tmpfs is not permitted here: {reason}")
+        raise AssertionError(f"mount -t tmpfs -o size={size} tmpfs {folder} failed: {reason}")
+    try:
+        if fill:
+            with open(folder / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+                while True:  # until ENOSPC: unbuffered, so a short write fills the last page
+                    f.write(b"\0" * 65536)
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=True)  # a writer thread still holds a file open
 
 
 # --- in-process fits ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from dapo_lightning.data import rows as mcq
 from dapo_lightning.data import PromptCollator
@@ -46,7 +46,9 @@ REJECTED = {
     "truncated JPEG": (JPEG[: len(JPEG) // 2], "image cannot be decoded (OSError"),
     "zero bytes": (b"", "image is empty (0 bytes)"),
     "not an image": (b"GIF89a but not really", "image cannot be decoded (UnidentifiedImageError"),
-    "20000x20000 bomb": (bomb_png(20000), "image is 20000x20000 pixels, more than 268435456 (a decompression bomb?)"),
+    "20000x20000 bomb": (bomb_png(20000), "image is 20000x20000 pixels, more than 89478485 pixels, "
+                         "the limit against decompression bombs (data.max_image_pixels)"),
+    "9500x9500 (just above Pillow's default limit)": (bomb_png(9500), "image is 9500x9500 pixels, more than 89478485"),
     "float32 TIFF": (encoded(Image.new("F", (4, 4), 0.5), "TIFF"), "image cannot be decoded (ValueError: image mode F"),
 }
 CONVERTED = {  # (bytes or image, expected RGB at (0, 0), at (1, 1))
@@ -117,3 +119,53 @@ def test_the_collator_names_or_skips_images_the_processor_rejects(processor, syn
                              max_prompt_length=None, on_bad_row="skip", refill_from=dataset)
     batch = lenient(batch_rows)
     assert batch.index == [0, 3, 4] and batch.num_skipped == 2
+
+
+def test_the_default_pixel_limit_is_pillows(tmp_path):
+    """Pillow's own default (``PIL.Image.MAX_IMAGE_PIXELS`` in a fresh interpreter), unless data.max_image_pixels says
+    otherwise; decoding leaves Pillow's global setting as it found it."""
+    import inspect
+    import subprocess
+    import sys
+
+    from dapo_lightning.data import VisualMCQDataModule
+
+    fresh = subprocess.run([sys.executable, "-c", "from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert mcq.DEFAULT_MAX_IMAGE_PIXELS == int(fresh) == 89_478_485  # 1024**3 // 4 // 3: a 9459 x 9459 image
+    assert inspect.signature(mcq.decode_image).parameters["max_pixels"].default == mcq.DEFAULT_MAX_IMAGE_PIXELS
+    assert inspect.signature(VisualMCQDataModule).parameters["max_image_pixels"].default == 89_478_485
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(mcq.BadRow, match=r"row 0: image is 40x30 pixels, more than 1000 pixels, the limit"):
+        mcq.decode_image({"bytes": RGB}, source="x", row=0, max_pixels=1000)
+    assert mcq.decode_image({"bytes": RGB}, source="x", row=0, max_pixels=1200).size == (40, 30)  # 40 * 30 = 1200
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.reliability("Untrusted input", "A 4000x3000 JPEG shrunk to fit 256x256 (data.max_image_side)",
+                         "decoded at a quarter of its size (1000x750, JPEG draft), never at full size")
+def test_a_large_jpeg_is_decoded_at_reduced_size(monkeypatch):
+    data = encoded(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG")
+    decoded = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(image):
+        decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    image = mcq.decode_image({"bytes": data}, source="x", row=0, max_side=256)
+    # The thumbnail is 256x192. JPEG decodes at 1/s, s in 8, 4, 2, 1: the largest s that keeps twice the thumbnail
+    # (Image.thumbnail's reducing gap, 512x384): 4000 // 512 = 7, 3000 // 384 = 7, so s = 4 -> 1000x750 pixels,
+    # 1/16 of the 12 M pixels (3 MB instead of 36 MB of RGB).
+    assert decoded[0] == (1000, 750)
+    assert image.size == (256, 192) and image.mode == "RGB"
+    assert all(abs(a - b) <= 2 for a, b in zip(image.getpixel((100, 100)), (10, 200, 30)))
+    decoded.clear()
+    png = encoded(Image.new("RGB", (1200, 900), (10, 200, 30)))  # PNG has no reduced decoding: full size, then shrunk
+    assert mcq.decode_image({"bytes": png}, source="x", row=0, max_side=256).size == (256, 192)
+    assert decoded[0] == (1200, 900)
+    decoded.clear()
+    small = encoded(Image.new("RGB", (300, 200), (10, 200, 30)), "JPEG")  # already fits: decoded as it is
+    assert mcq.decode_image({"bytes": small}, source="x", row=0, max_side=512).size == (300, 200)
+    assert decoded[0] == (300, 200)

@@ -3,13 +3,15 @@ and the previous checkpoint intact."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Callback
-from rel_helpers import fit, make_module
+from rel_helpers import cli_config, fit, make_module, small_disk, write_config
 
 from dapo_lightning.callbacks import MarkdownRolloutLog
 from dapo_lightning import storage
@@ -98,6 +100,111 @@ def test_a_full_disk_mid_write_names_the_file_and_keeps_the_previous_checkpoint(
     assert "(No space left on device); nothing was written there" in message
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")]
+
+
+class FillsTheDisk(AtomicCheckpointIO):
+    """Before the ``at``-th checkpoint write, fills the disk up to ``leave`` free bytes; records what torch raised.
+
+    Where the write runs out of space decides what torch raises: mostly its zip writer's
+    ``RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos ...')`` (the file's
+    ``OSError`` only as its context), at a few offsets the ``OSError`` itself. 512 KiB into this
+    2.1 MB checkpoint it is the RuntimeError (measured: every offset from 384 to 592 KiB).
+    """
+
+    def __init__(self, at: int, leave: int):
+        super().__init__()
+        self.at, self.leave, self.saves, self.raised = at, leave, 0, None
+
+    def dump(self, checkpoint, f):
+        self.saves += 1
+        if self.saves == self.at:
+            folder = Path(f.name).parent.parent
+            with open(folder / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+                while True:
+                    filler.write(b"\0" * 4096)
+            os.truncate(folder / "filler", os.path.getsize(folder / "filler") - self.leave)
+        try:
+            super().dump(checkpoint, f)
+        except BaseException as error:
+            self.raised = error
+            raise
+
+
+@pytest.mark.reliability("Faults", "A really full disk while a checkpoint is written (3 MB tmpfs as default_root_dir, "
+                         "2.1 MB checkpoints, one every step; last.ckpt runs out of space 512 KiB in)",
+                         "OSError 'No space left on device' naming last.ckpt (torch's RuntimeError 'unexpected pos' "
+                         "converted); the step-1 checkpoint written before it loads; no partial file left")
+def test_a_really_full_disk_mid_checkpoint_names_the_file(tmp_path, tiny_model_dir, synthetic_parquet):
+    writer = FillsTheDisk(at=2, leave=512 * 1024)  # step 1: epoch=0-step=1.ckpt is written whole, then last.ckpt
+
+    class WithTheWriter(Callback):
+        def setup(self, trainer, module, stage):  # after DAPOModule.setup installed the default writer
+            trainer.strategy.checkpoint_io = writer
+
+    counter = StepCounter()
+    with small_disk(tmp_path / "disk", "3m") as root:
+        with pytest.raises(OSError) as error:
+            fit(root, make_module(tiny_model_dir), tiny_model_dir, synthetic_parquet, batches=3,
+                callbacks=[counter, WithTheWriter()], checkpoint_every=1)
+        folder = root / "ckpt"
+        assert isinstance(writer.raised, RuntimeError) and "unexpected pos" in str(writer.raised), (
+            f"torch raised {writer.raised!r} at this offset, not its zip writer's RuntimeError: choose another leave")
+        assert error.value.errno == errno.ENOSPC
+        assert str(error.value) == (f"[Errno 28] cannot write the checkpoint {folder / 'last.ckpt'} (No space left on "
+                                    "device); nothing was written there")
+        assert counter.batches == 1
+        assert torch.load(folder / "epoch=0-step=1.ckpt", weights_only=True)["global_step"] == 1
+        assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=1.ckpt"]
+
+
+def test_a_writer_error_behind_a_runtime_error_is_an_os_error_naming_the_file(tmp_path):
+    """torch's zip writer turns the file's OSError into RuntimeError('[enforce fail at inline_container.cc] ...')."""
+    def torch_like(f):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    with pytest.raises(OSError, match=r"^\[Errno 28\] cannot write the checkpoint .*x.ckpt \(No space left on "
+                                      r"device\); nothing was written there$"):
+        atomic_write(tmp_path / "x.ckpt", torch_like, what="checkpoint")
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error passes through unchanged
+        atomic_write(tmp_path / "x.ckpt", lambda f: (_ for _ in ()).throw(RuntimeError("a bug")))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.reliability("Faults", "Disk already full at start, CLI run (tmpfs with no byte free as default_root_dir; "
+                         "TensorBoard logger)",
+                         "OSError naming the output folder before the logger writes: no writer-thread traceback, "
+                         "nothing trained")
+def test_a_disk_full_at_start_fails_before_the_logger_writes_cli(tmp_path, tiny_model_dir, synthetic_parquet, capfd):
+    from dapo_lightning.cli import main
+
+    config = cli_config(tmp_path, tiny_model_dir, synthetic_parquet)
+    with small_disk(tmp_path / "disk", "1m", fill=True) as disk:
+        config["trainer"]["default_root_dir"] = str(disk / "run")
+        del config["trainer"]["callbacks"][-1]["init_args"]["dirpath"]  # checkpoints in <default_root_dir>/checkpoints
+        with pytest.raises(OSError) as error:
+            main(["fit", "--config", str(write_config(tmp_path, config))])
+        assert str(error.value) == (f"[Errno 28] the output folder (trainer.default_root_dir) {disk / 'run'} is not "
+                                    "writable (No space left on device); fix it or choose another folder before "
+                                    "training starts")
+        assert [p.name for p in disk.rglob("*") if p.is_file()] == ["filler"]
+    assert "Exception in thread" not in capfd.readouterr().err
+
+
+@pytest.mark.reliability("Faults", "Disk already full at start, Trainer(...).fit(module, data) in Python (TensorBoard "
+                         "logger)",
+                         "OSError naming the output folder before the logger writes, nothing trained")
+def test_a_disk_full_at_start_fails_before_the_logger_writes_python(tmp_path, tiny_model_dir, synthetic_parquet,
+                                                                    capfd):
+    counter = StepCounter()
+    with small_disk(tmp_path / "disk", "1m", fill=True) as disk:
+        with pytest.raises(OSError) as error:
+            fit(disk / "run", make_module(tiny_model_dir), tiny_model_dir, synthetic_parquet, callbacks=[counter])
+        assert str(error.value).startswith(f"[Errno 28] the output folder (trainer.default_root_dir) {disk / 'run'} "
+                                           "is not writable (No space left on device)")
+    assert counter.batches == 0 and "Exception in thread" not in capfd.readouterr().err
 
 
 def test_atomic_write_replaces_whole_files_only(tmp_path):

@@ -116,8 +116,8 @@ def test_a_non_finite_value_skips_the_step_and_names_it(case, tmp_path, tiny_mod
     warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(warnings) == 2 and all(message in w for w in warnings), warnings
     assert "step 0: skipped (1 in a row)" in warnings[0] and "(2 in a row)" in warnings[1]
-    if case != "gradients":
-        assert "dataset rows [" in warnings[0]  # the prompt of the bad rows, to find it in the data
+    if case != "gradients":  # the question of the bad rows, by parquet file and row, to find it in the data
+        assert f"(from {synthetic_parquet}: rows [" in warnings[0]
     if case == "loss":
         assert "logps" not in warnings[0]  # the log-probs were finite: the loss check alone caught it
     if case == "logps":

@@ -1,18 +1,19 @@
-"""A reward function that raises: the error names the reward, the sample and its dataset row, or (on_reward_error:
-zero) the failing samples score 0, every other sample keeps its value, and a counter is logged."""
+"""A reward function that raises: the error names the reward, the sample and its question's parquet row, or
+(on_reward_error: zero) the failing samples score 0, every other sample keeps its value, and a counter is logged."""
 
 from __future__ import annotations
 
 import pytest
 from rel_helpers import fit, make_module, scalars
 
+from dapo_lightning.batch import SourceRow
 from dapo_lightning.rewards import get_reward_spec
 from dapo_lightning.rewards.registry import RewardSpec
 from dapo_lightning.scoring import RewardError, reward_table
 
 COMPLETIONS = ["ab", "abcd", "", "a", "abc", "", "abcde", "ab"]  # two groups of 4; samples 2 and 5 are empty
 KWARGS = {"num_generations": 4, "solution": ["A"] * 8}
-DATASET_ROWS = [17] * 4 + [23] * 4
+DATASET_ROWS = [SourceRow("train.parquet", 17)] * 4 + [SourceRow("train.parquet", 23)] * 4  # each sample's question
 
 
 def spec(name):
@@ -29,7 +30,7 @@ def test_a_failing_reward_is_named_with_its_sample():
         reward_table([spec("rel_helpers.divides_by_length")], completions, KWARGS, dataset_rows=DATASET_ROWS)
     message = str(error.value)
     assert message.startswith("reward 'rel_helpers.divides_by_length' raised ZeroDivisionError: float division by zero "
-                              "on sample 2, dataset row 17; 1 more failing; completion ''.")
+                              "on sample 2 (from train.parquet: row 17); 1 more failing; completion ''.")
     assert "model.rewards.on_reward_error: zero" in message and error.value.rows == [2, 5]
 
 
@@ -65,8 +66,8 @@ def test_a_group_reward_is_located_by_group():
 
     grouped = RewardSpec("grouped", group_reward, needs=("vgr",))
     kwargs = {**KWARGS, "vgr": [1.0] * 5 + [None] + [1.0] * 2}
-    with pytest.raises(RewardError, match=r"on samples 4-7 \(the group; 'grouped' scores whole groups\), "
-                                          r"dataset row 23"):
+    with pytest.raises(RewardError, match=r"on samples 4-7 \(the group, from train.parquet: row 23; 'grouped' "
+                                          r"scores whole groups\)"):
         reward_table([grouped], COMPLETIONS, kwargs, dataset_rows=DATASET_ROWS)
     table = reward_table([grouped], COMPLETIONS, kwargs, on_error="zero")
     assert table.values[:, 0].tolist() == [0.5] * 4 + [0.0] * 4 and table.errors == {"grouped": [4, 5, 6, 7]}

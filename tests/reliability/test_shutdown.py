@@ -9,11 +9,13 @@ the previous checkpoint valid.
 
 from __future__ import annotations
 
+import logging
+import shlex
 import signal
 
 import pytest
 import torch
-from rel_helpers import assert_same_parameters, cli_config, policy_state, write_config
+from rel_helpers import assert_same_parameters, cli_config, policy_state, steps_trained, write_config
 
 from dapo_lightning.cli import main
 
@@ -68,3 +70,69 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path, 
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after an interrupt
     assert stop.value.code == 1
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def recorded(tmp, *callbacks):
+    return [*callbacks, {"class_path": "rel_helpers.RecordSteps", "init_args": {"path": str(tmp / "steps.json")}}]
+
+
+@pytest.mark.reliability("Faults", "SIGTERM in step 1 of a new run whose checkpoint folder holds an earlier run's "
+                         "last.ckpt (ModelCheckpoint(save_last=True))",
+                         "the earlier last.ckpt (step 4) is kept: the stopped run saves last-v1.ckpt (Lightning's "
+                         "versioning), which --ckpt_path last resumes at step 1")
+def test_a_signal_never_overwrites_an_earlier_runs_last_checkpoint(tmp_path, tiny_model_dir, synthetic_parquet):
+    main(["fit", "--config", str(write_config(tmp_path, cli_config(tmp_path, tiny_model_dir, synthetic_parquet),
+                                              "first.yaml"))])
+    signal_at = {"class_path": "rel_helpers.SignalAt", "init_args": {"step": 0, "signum": int(signal.SIGTERM)}}
+    second = cli_config(tmp_path, tiny_model_dir, synthetic_parquet, callbacks=[signal_at])
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(write_config(tmp_path, second, "second.yaml"))])
+    assert stop.value.code == 128 + signal.SIGTERM
+    folder = tmp_path / "ckpt"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 4  # the first run's
+    assert torch.load(folder / "last-v1.ckpt", weights_only=True)["global_step"] == 1
+    resume = cli_config(tmp_path, tiny_model_dir, synthetic_parquet, callbacks=recorded(tmp_path))
+    main(["fit", "--config", str(write_config(tmp_path, resume, "resume.yaml")), "--ckpt_path", "last"])
+    assert steps_trained(tmp_path / "steps.json") == [1, 2, 3]
+    assert torch.load(folder / "last-v1.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def without_checkpoint_callback(tmp, model_dir, parquet, *callbacks):
+    """Like configs/demo.yaml: no ModelCheckpoint (enable_checkpointing false)."""
+    config = cli_config(tmp, model_dir, parquet, callbacks=recorded(tmp, *callbacks))
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:-1]
+    config["trainer"]["enable_checkpointing"] = False
+    return config
+
+
+@pytest.mark.reliability("Faults", "SIGTERM in step 3 of 4 without a ModelCheckpoint (the demo's config), then "
+                         "--ckpt_path last",
+                         "the message prints the exact resume command; it and --ckpt_path last both resume from "
+                         "<default_root_dir>/checkpoints/last.ckpt at step 3 (not from step 0); a new run stopped "
+                         "there saves last-v1.ckpt beside it")
+def test_without_a_checkpoint_callback_last_finds_the_signal_checkpoint(tmp_path, tiny_model_dir, synthetic_parquet,
+                                                                       caplog):
+    signal_at = {"class_path": "rel_helpers.SignalAt", "init_args": {"step": 2, "signum": int(signal.SIGTERM)}}
+    config = write_config(tmp_path, without_checkpoint_callback(tmp_path, tiny_model_dir, synthetic_parquet, signal_at))
+    caplog.set_level(logging.INFO)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config)])
+    assert stop.value.code == 128 + signal.SIGTERM and steps_trained(tmp_path / "steps.json") == [0, 1, 2]
+    saved = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(saved, weights_only=True)["global_step"] == 3
+    command = f"dapo-lightning fit --config {config} --ckpt_path {saved}"
+    assert f"stopped after step 3 on SIGTERM; the checkpoint is {saved}; resume with:\n  {command}" in caplog.text
+    resume = write_config(tmp_path, without_checkpoint_callback(tmp_path, tiny_model_dir, synthetic_parquet))
+    main(shlex.split(command)[1:])  # the printed command (its config now without the signal)
+    assert steps_trained(tmp_path / "steps.json") == [3]
+    main(["fit", "--config", str(resume), "--ckpt_path", "last"])
+    assert steps_trained(tmp_path / "steps.json") == [3]
+    # a new run (not resumed from it) stopped in its first step keeps that checkpoint: it saves last-v1.ckpt
+    signal_at["init_args"]["step"] = 0
+    again = write_config(tmp_path, without_checkpoint_callback(tmp_path, tiny_model_dir, synthetic_parquet, signal_at),
+                         "again.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(again)])
+    assert torch.load(saved, weights_only=True)["global_step"] == 3
+    assert torch.load(saved.with_name("last-v1.ckpt"), weights_only=True)["global_step"] == 1
