@@ -1,4 +1,4 @@
-"""Group statistics -> advantages (SPEC section 2, "advantage").
+"""Group statistics -> advantages (SPEC section 2, "The total and the advantages").
 
 Rows are grouped in consecutive blocks of ``num_generations`` (G): the completions
 of one prompt. Each completion's advantage is its reward relative to its group.

@@ -71,7 +71,7 @@ def init_rows(cls, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
         default = parameter.default
         shown = "null" if default is None else repr(default)
         if name == "system_prompt" and default:
-            shown = "the SPEC prompt"
+            shown = "the prompt of docs/spec.md section 1"
         rows.append((name, shown.replace("|", "\\|"), docs.get(name, "")))
     return rows
 

@@ -1,15 +1,30 @@
-"""Loading the policy, the reference model and the processor; LoRA.
+"""Loading the policy, the reference model and the processor; LoRA; the export of a trained policy.
 
 One code path for every checkpoint: ``load_policy("Qwen/Qwen2.5-VL-7B-Instruct")``
-and ``load_policy(".cache/models/tiny")`` run the same ``from_pretrained`` calls.
+and ``load_policy(".cache/models/tiny")`` run the same ``from_pretrained`` calls, and so do an
+exported ``final/`` folder and an exported LoRA adapter folder (transformers loads the base the
+adapter names, then the adapter, when peft is installed).
+
+What is saved loads with stock ``transformers`` (``docs/evaluation.md``): the processor is saved as
+``Qwen2_5_VLProcessor`` (:meth:`ImageOnlyQwenVLProcessor.to_dict`), the generation config suppresses
+the vision tokens (:func:`export_generation_config`) and an adapter names its base by an absolute path.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLProcessor
+
+STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the class AutoProcessor builds from a saved processor_config.json
+VIDEO_PROCESSOR = "Qwen2VLVideoProcessor"  # Qwen2.5-VL's video processor (torchvision only, in transformers 5)
+# image settings a Qwen2-VL video processor shares (Qwen2.5-VL-7B-Instruct's video_preprocessor_config.json has them)
+VIDEO_SETTINGS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
+                  "merge_size", "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size")
 
 
 class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
@@ -23,6 +38,32 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self) -> dict:
+        """``processor_config.json`` as the stock processor writes it: ``processor_class`` ``Qwen2_5_VLProcessor`` and a
+        video processor with the image settings. Naming this class instead made ``AutoProcessor.from_pretrained``,
+        which does not know it, silently return the tokenizer alone. Where torchvision is installed it now builds the
+        stock processor; where it is not, it raises an ImportError naming torchvision (the stock processor always
+        builds a video processor, and transformers' only one needs torchvision)."""
+        output = super().to_dict()
+        output["processor_class"] = STOCK_PROCESSOR
+        image = output.get("image_processor", {})
+        output["video_processor"] = {**{k: image[k] for k in VIDEO_SETTINGS if k in image},
+                                     "video_processor_type": VIDEO_PROCESSOR}
+        return output
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saved as the stock processor is (``to_dict``), ``tokenizer_config.json``'s ``processor_class`` too."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        _set_json(Path(save_directory) / "tokenizer_config.json", processor_class=STOCK_PROCESSOR)
+        return files
+
+
+def _set_json(path: Path, **values) -> None:
+    """Set ``values`` in the JSON object stored at ``path`` (no-op when there is no such file)."""
+    if path.exists():
+        path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **values}, indent=2,
+                                   ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def load_processor(name_or_path: str, *, trust_remote_code: bool = False, **kwargs) -> ImageOnlyQwenVLProcessor:
@@ -80,14 +121,38 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: Seq
     return get_peft_model(model, config)
 
 
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model a local LoRA adapter folder names (its ``adapter_config.json``, as :func:`export_pretrained`
+    writes it), or None for a model folder or a hub name."""
+    config = Path(name_or_path) / "adapter_config.json"
+    return json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"] if config.is_file() else None
+
+
+def load_adapter(model, folder: str, lora):
+    """``model`` with the LoRA adapter saved in ``folder``, trainable; its settings must be those of ``lora``."""
+    from peft import PeftConfig, PeftModel
+
+    saved = PeftConfig.from_pretrained(folder)
+    found = {"r": saved.r, "alpha": saved.lora_alpha, "target_modules": sorted(saved.target_modules)}
+    wanted = {"r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
+    if found != wanted:
+        raise ValueError(f"model.policy.lora: {folder} holds an adapter with {found}, the configuration asks for "
+                         f"{wanted}; set the adapter's values (or null, to load it for test or predict only)")
+    return PeftModel.from_pretrained(model, folder, is_trainable=True)
+
+
 def build_policy(cfg, *, with_reference: bool):
     """The trainable policy of a ``PolicyConfig``, a frozen reference copy if asked (not under LoRA), the processor.
 
     Returns ``(policy in train mode, reference in eval mode or None, processor)``. Under LoRA the
-    reference is the base model with the adapter disabled, so none is loaded.
+    reference is the base model with the adapter disabled, so none is loaded. ``model_name_or_path``
+    may be an exported LoRA adapter folder: without LoRA settings transformers loads its base and
+    the adapter into it; with them the adapter is loaded into its base as the trainable peft adapter
+    (a fresh one would replace it: the base model would answer).
     """
     load = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
-    model = load_policy(cfg.model_name_or_path, **load)
+    base = adapter_base(cfg.model_name_or_path) if cfg.lora is not None else None
+    model = load_policy(base or cfg.model_name_or_path, **load)
     if cfg.freeze_vision_tower:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -100,14 +165,41 @@ def build_policy(cfg, *, with_reference: bool):
     if cfg.lora is not None:
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules)
+        model = load_adapter(model, cfg.model_name_or_path, cfg.lora) if base else apply_lora(
+            model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
     processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     return model.train(), reference, processor  # from_pretrained returns eval mode
 
 
+def export_generation_config(model, tokenizer):
+    """``model``'s generation config with what plain ``generate()`` needs to answer as this project samples: the
+    vision special tokens suppressed (``rollout.VISION_SPECIAL_TOKENS``: a sampled ``<|video_pad|>`` makes the next
+    forward expect video features) and every end-of-turn id this project stops at."""
+    from dapo_lightning.rollout import TokenIds
+
+    config = copy.deepcopy(model.generation_config)
+    ids = TokenIds.from_tokenizer(tokenizer, config)
+    config.suppress_tokens = sorted(set(config.suppress_tokens or ()) | set(ids.suppress)) or None
+    config.eos_token_id = list(ids.eos) if len(ids.eos) > 1 else ids.eos[0]
+    config.pad_token_id = ids.pad
+    return config
+
+
 def export_pretrained(policy, processor, target) -> None:
-    """Save the trained policy (or its LoRA adapter) with its processor to ``target``, loadable by ``from_pretrained``."""
+    """Save the trained policy (or its LoRA adapter) with its processor and generation config to ``target``,
+    loadable by stock ``from_pretrained`` calls (``docs/evaluation.md``).
+
+    A LoRA adapter's ``adapter_config.json`` names its base model by the path the policy was loaded from; a local
+    folder is written as an absolute path, so the adapter loads from any working directory (a hub name is kept).
+    """
+    target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(target)
+    base_model = policy.get_base_model() if hasattr(policy, "peft_config") else policy
+    export_generation_config(base_model, processor.tokenizer).save_pretrained(target)
+    adapter_config = target / "adapter_config.json"
+    if adapter_config.exists():
+        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base and Path(base).exists():
+            _set_json(adapter_config, base_model_name_or_path=str(Path(base).resolve()))
     processor.save_pretrained(target)

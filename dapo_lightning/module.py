@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from transformers import TrainerState
 
-from dapo_lightning import checkpointing, distributed, fit_checks, guards, metrics, storage
+from dapo_lightning import checkpointing, distributed, evaluation, fit_checks, guards, metrics, storage
 from dapo_lightning.actor import Actor
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig, coerce, default_settings
@@ -41,6 +41,7 @@ from dapo_lightning.hooks import check_callbacks, rollout_callbacks
 from dapo_lightning.logprobs import LogProbs
 from dapo_lightning.models import build_policy, export_pretrained
 from dapo_lightning.optim import build_optimizer
+from dapo_lightning.predictions import prediction_rows
 from dapo_lightning.rewards import get_reward_spec
 from dapo_lightning.scoring import score
 from dapo_lightning.update import LightningHost, UpdateResult, UpdateSettings, row_chunks, update_policy
@@ -173,7 +174,8 @@ class DAPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpointing.check_same_config(checkpoint.get("hyper_parameters"), self.hparams)
-        checkpointing.warn_if_nothing_left_to_train(checkpoint, self._trainer)
+        if self._trainer is None or self.trainer.state.fn == "fit":  # test and predict train nothing
+            checkpointing.warn_if_nothing_left_to_train(checkpoint, self._trainer)
         changes = checkpointing.changed_settings(checkpoint.get("hyper_parameters"), self.hparams, default_settings())
         if message := checkpointing.describe_changed_settings(changes):
             rank_zero_warn(message)
@@ -322,6 +324,20 @@ class DAPOModule(LightningModule):
             return
         self.val_metrics.update(self.make_rollout(batch, stage="val"))
 
+    test_step = validation_step  # a validation epoch over data.test_path, its metrics logged as test/* (evaluation.py)
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict]:
+        return prediction_rows(self.make_rollout(batch, stage="val")) if len(batch) else []  # predictions.py
+
+    def on_test_epoch_start(self) -> None:
+        evaluation.start_test_epoch(self.trainer, self)
+
+    def on_test_epoch_end(self) -> None:
+        evaluation.end_test_epoch(self.trainer, self)
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        super().log(evaluation.metric_name(self._trainer, name), value, *args, **kwargs)  # val/* as test/* in test
+
     def on_train_epoch_end(self) -> None:
         report = getattr(self.trainer.datamodule, "report_skipped_rows", None)  # a collective: every process
         if report is not None:
@@ -332,11 +348,15 @@ class DAPOModule(LightningModule):
         skipped = report("val") if report is not None else 0
         values = {**self.val_metrics.compute(), "val/skipped_rows": float(skipped)}
         accuracy = values["val/accuracy"]
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:  # Lightning logs nothing of its sanity check: the loggers get it here
             self.accuracy_before_training = accuracy
+            for logger in self.loggers:  # each logger's log_metrics writes on rank zero only
+                logger.log_metrics({key: float(value) for key, value in values.items()}, step=self.global_step)
             rank_zero_info(f"[eval] before training: accuracy {accuracy:.3f}")
             return
-        self.log_dict(values, sync_dist=False, rank_zero_only=False)
+        # "step": Lightning logs this validation (the callbacks' val/* scalars too) at the step the console names,
+        # not at its count of finished steps less one
+        self.log_dict({**values, "step": float(self.global_step)}, sync_dist=False, rank_zero_only=False)
         rank_zero_info(f"[eval] step {self.global_step}: accuracy {accuracy:.3f}, reward {values['val/reward_mean']:.3f}")
 
     def configure_optimizers(self):

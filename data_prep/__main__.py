@@ -29,7 +29,7 @@ def usage() -> str:
     lines = [
         "usage: python -m dapo_lightning.data_prep COMMAND [options]   (or: dapo-data COMMAND [options])",
         "",
-        "Build the multiple-choice image training set (SPEC section 1: image, problem, solution).",
+        "Build the multiple-choice image training set (docs/spec.md section 1: image, problem, solution).",
         "",
         "commands:",
         *(f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()),

@@ -1,4 +1,4 @@
-"""A-OKVQA -> DDM (SPEC section 1).
+"""A-OKVQA -> DDM (docs/spec.md section 1).
 
 Source fields, as the hub's ``HuggingFaceM4/A-OKVQA`` has them: ``question_id``,
 ``image``, ``question``, ``choices`` (four strings), ``correct_choice_idx``,

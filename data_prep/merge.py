@@ -1,4 +1,4 @@
-"""merge: concatenate converted DDM files into one training file (SPEC section 1).
+"""merge: concatenate converted DDM files into one training file (docs/spec.md section 1).
 
 Each input is ``PATH`` or ``NAME=PATH``; the name (default: the file's stem) is the
 source that counts and ``--cap`` refer to, and several inputs may share one. Rows

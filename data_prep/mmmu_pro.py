@@ -1,4 +1,4 @@
-"""MMMU-Pro -> DDM (SPEC section 1).
+"""MMMU-Pro -> DDM (docs/spec.md section 1).
 
 Configs ``standard (4 options)`` and ``standard (10 options)`` of the hub's
 ``MMMU/MMMU_Pro``. Source fields: ``id``, ``question``, ``options`` (a string

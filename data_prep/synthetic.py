@@ -1,4 +1,4 @@
-"""Synthetic multiple-choice image questions in the DDM parquet format (SPEC section 1).
+"""Synthetic multiple-choice image questions in the DDM parquet format (docs/spec.md section 1).
 
 Each row is a picture of coloured shapes and one question about it: its colour,
 its shape or how many shapes there are. Four options, one correct letter. The

@@ -1,4 +1,4 @@
-"""validate: is a parquet file a usable DDM training set? (SPEC section 1)
+"""validate: is a parquet file a usable DDM training set? (docs/spec.md section 1)
 
 Every row goes through the checks the data module applies, from
 ``dapo_lightning/data/rows.py``: the image decodes to RGB, the problem is not empty and

@@ -1,4 +1,4 @@
-"""VisRAG ArxivQA -> DDM (SPEC section 1).
+"""VisRAG ArxivQA -> DDM (docs/spec.md section 1).
 
 The hub's ``openbmb/VisRAG-Ret-Test-ArxivQA`` is a retrieval benchmark in three
 configs: ``corpus`` (``corpus-id``, ``image``), ``queries`` (``query-id``,

@@ -189,3 +189,125 @@ def test_the_resume_command_drops_the_previous_ckpt_path():
 
     args = ["fit", "--config", "a.yaml", "--ckpt_path", "last", "--trainer.max_steps=3", "--ckpt_path=x.ckpt"]
     assert without_ckpt_path(args) == ["fit", "--config", "a.yaml", "--trainer.max_steps=3"]
+
+
+# --- no abbreviations (issue 13, item 7) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("abbreviation, value", [("--model.optim.lr", "1e-3"), ("--model.optim.lr", "constant"),
+                                                 ("--trainer.max_st", "3")])
+def test_an_abbreviated_key_is_refused_not_expanded(capsys, monkeypatch, abbreviation, value):
+    """argparse would expand ``--model.optim.lr`` to ``lr_scheduler`` (and take ``constant`` as the schedule)."""
+    from dapo_lightning.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dapo-lightning"])  # the arguments come from the list below
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), abbreviation, value, "--print_config"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"unrecognized arguments: {abbreviation} {value}" in captured.err and not captured.out
+
+
+# --- --print_config > x.yaml, then --config x.yaml (issue 13, item 10) ------------------------------------------
+
+
+def print_config(args: list[str], cwd: Path) -> str:
+    """stdout of ``fit ... --print_config`` in a fresh process (DeepSpeed prints its accelerator line on first import)."""
+    return run_cli(["fit", *args, "--print_config"], cwd).stdout
+
+
+@pytest.mark.slow
+def test_print_config_of_a_deepspeed_experiment_round_trips(tmp_path):
+    """exp3 (DeepSpeed, GPU): nothing but the YAML reaches stdout, and the printed file parses to the same config."""
+    import yaml
+
+    printed = print_config(["--config", str(ROOT / "configs" / "exp3.yaml")], tmp_path)
+    config = yaml.safe_load(printed)
+    assert config["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert all(not line or line.startswith(("#", " ", "-")) or ":" in line for line in printed.splitlines())
+    (tmp_path / "x.yaml").write_text(printed)
+    assert print_config(["--config", str(tmp_path / "x.yaml")], tmp_path) == printed
+
+
+@pytest.mark.slow
+def test_print_config_of_the_demo_round_trips_and_runs(tmp_path):
+    import yaml
+
+    printed = print_config(["--config", str(ROOT / "configs" / "demo.yaml")], tmp_path)
+    assert yaml.safe_load(printed)["model"]["rollout"]["max_completion_length"] == 2
+    (tmp_path / "x.yaml").write_text(printed)
+    assert print_config(["--config", str(tmp_path / "x.yaml")], tmp_path) == printed
+    run_cli(["fit", "--config", str(tmp_path / "x.yaml"), "--trainer.max_steps=1", "--data.eval_limit=2",
+             "--trainer.enable_progress_bar=false", "--model.export_final=false"], tmp_path)
+    assert scalar_tags(tmp_path / "runs" / "demo") >= {"train/loss", "val/accuracy"}
+
+
+# --- the console script imports rewards from the current folder (issue 13, item 16) --------------------------
+
+
+@pytest.mark.slow
+def test_the_console_script_finds_a_reward_module_in_the_current_folder(tmp_path, tiny_model_dir, synthetic_parquet):
+    import shutil
+
+    script = shutil.which("dapo-lightning", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the dapo-lightning console script is not installed next to this Python (pip install -e .)")
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(completions, **kwargs):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the working folder to find it in
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [script, "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.max_steps=1",
+         "--model.rewards.reward_funcs=[accuracy, my_rewards.brevity]", f"--model.policy.model_name_or_path={tiny_model_dir}",
+         f"--data.train_path={synthetic_parquet}", "--data.eval_limit=2", "--data.batch_size=2",
+         "--trainer.num_sanity_val_steps=0", f"--trainer.default_root_dir={tmp_path / 'run'}",
+         "--trainer.enable_progress_bar=false", "--model.export_final=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train/rewards/my_rewards.brevity/mean" in scalar_tags(tmp_path / "run")
+
+
+# --- loggers (issue 13, item 18) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("logger, option", [("lightning.pytorch.loggers.WandbLogger", "--trainer.logger.project=dapo"),
+                                            ("lightning.pytorch.loggers.MLFlowLogger",
+                                             "--trainer.logger.experiment_name=dapo")])
+def test_the_cli_accepts_the_optional_loggers(capsys, monkeypatch, logger, option):
+    """Parsing only: neither wandb nor mlflow need be installed (``pip install -e ".[wandb]"`` / ``".[mlflow]"``)."""
+    import yaml
+
+    from dapo_lightning.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dapo-lightning"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger", logger, option,
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
+    assert printed["class_path"] == logger
+    assert option.split("=")[1] in printed["init_args"].values()
+
+
+def test_the_optional_loggers_are_extras():
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    extras = setup["options.extras_require"]
+    assert extras["wandb"].split() == ["wandb>=0.17"] and extras["mlflow"].split() == ["mlflow>=2.10"]
+
+
+def test_the_progress_bar_does_not_show_the_logger_version(tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from dapo_lightning.cli import without_logger_version
+
+    for stock in (RichProgressBar(), TQDMProgressBar()):
+        trainer = Trainer(callbacks=[stock], logger=TensorBoardLogger(tmp_path), default_root_dir=tmp_path)
+        assert "v_num" in stock.get_metrics(trainer, None)  # Lightning's bar
+        bar = without_logger_version(stock)
+        assert isinstance(bar, type(stock)) and "v_num" not in bar.get_metrics(trainer, None)

@@ -13,7 +13,9 @@ Lightning would use (``RandomSampler`` on one process, a seeded per-rank shard u
 DDP), and a run resumed mid-epoch continues where the checkpointed run stopped
 (Lightning restarts a plain loader's epoch from its first batch); the data module's
 ``state_dict`` keeps what that needs. Validation uses ``ShardSampler``, a sharding sampler
-without padding, so every held-out question is scored exactly once and the metrics are exact.
+without padding, so every held-out question is scored exactly once and the metrics are exact; so
+do ``test`` and ``predict``, over every row of ``test_path`` / ``predict_path`` (unset: the
+validation questions), without reading the training file when the file is given.
 
 Datasets serve rows by position (what the samplers and the refill look up); each row also
 carries its parquet file and row (``data/locations.py``), which every message names. Rows
@@ -38,6 +40,7 @@ from dapo_lightning.data import skipped as skipped_rows
 from dapo_lightning.data.collate import PromptCollator
 from dapo_lightning.data.locations import RowLocator, split_rows
 from dapo_lightning.data.samplers import ResumableShuffleSampler, ShardSampler
+from dapo_lightning.data.settings import check_settings
 from dapo_lightning.prompts import SYSTEM_PROMPT
 
 
@@ -85,6 +88,8 @@ class VisualMCQDataModule(LightningDataModule):
         self,
         train_path: str | None = None,
         eval_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
         dataset_split: str = "train",
@@ -107,6 +112,10 @@ class VisualMCQDataModule(LightningDataModule):
         Args:
             train_path: Local DDM parquet file (or a folder of parquet files).
             eval_path: Separate held-out parquet; when unset, ``eval_ratio`` of the training file is held out.
+            test_path: Parquet file (or folder) that ``dapo-lightning test`` scores, every row (unset: the validation
+                questions); its metrics are the validation ones under ``test/``.
+            predict_path: Parquet file (or folder) of the questions ``dapo-lightning predict`` answers, every row
+                (unset: ``test_path``, else the validation questions).
             dataset_name: A ``datasets`` hub name to read instead of ``train_path``.
             dataset_config: Configuration name of ``dataset_name``.
             dataset_split: Split of ``dataset_name`` to read.
@@ -129,16 +138,7 @@ class VisualMCQDataModule(LightningDataModule):
             build_synthetic_if_missing: When ``train_path`` does not exist, write synthetic questions there first.
         """
         super().__init__()
-        if not (train_path or dataset_name):
-            raise ValueError("data: set data.train_path (a parquet file) or data.dataset_name (a datasets hub name)")
-        if not 0 < eval_ratio < 1 and eval_path is None:
-            raise ValueError(f"data.eval_ratio: must be in (0, 1), got {eval_ratio}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
-        if on_bad_row not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_row: choose from error, skip; got {on_bad_row!r}")
-        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
-            raise ValueError(f"data.max_image_pixels: must be a whole number >= 1, got {max_image_pixels!r}")
+        check_settings(locals())  # every number in range, each error naming its key (data/settings.py)
         if isinstance(build_synthetic_if_missing, SyntheticData):
             # plain values in the checkpoint: a dataclass there would not load with weights_only=True (no resume)
             build_synthetic_if_missing = asdict(build_synthetic_if_missing)
@@ -147,6 +147,7 @@ class VisualMCQDataModule(LightningDataModule):
         self.eval_table = None
         self.train_locations: RowLocator | None = None  # position in train_table -> parquet file and row
         self.eval_locations: RowLocator | None = None
+        self.scored: VisualMCQDataset | None = None  # the questions of test or predict (setup("test"/"predict"))
         self.skipped = skipped_rows.SkippedRows()  # rows dropped as unusable, per stage, since the last report
         self._processor = None
         self._train_sampler: ResumableShuffleSampler | None = None
@@ -155,13 +156,29 @@ class VisualMCQDataModule(LightningDataModule):
     # --- loading -----------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_table is not None:
-            return
+        scoring = "predict" if stage == "predict" else "test" if stage == "test" else None
+        if scoring is not None:
+            key = "predict_path" if scoring == "predict" and self.hparams.predict_path else "test_path"
+            if self.hparams[key]:  # every row of the file, whatever eval_limit says
+                self.scored = VisualMCQDataset(*self._load(self.hparams[key], None, None, key=f"data.{key}"))
+                rank_zero_info(f"{scoring}: {len(self.scored)} questions of {self.scored.source} (data.{key})")
+                return
+        if self.train_table is None:
+            self._set_up_training()
+        if scoring is not None:
+            self.scored = VisualMCQDataset(self.eval_table, self.eval_source, self.eval_locations)
+            rank_zero_info(f"{scoring}: data.test_path unset, the {len(self.scored)} validation questions of "
+                           f"{self.eval_source}")
+
+    def _set_up_training(self) -> None:
+        if not (self.hparams.train_path or self.hparams.dataset_name):
+            raise ValueError("data: set data.train_path (a parquet file) or data.dataset_name (a datasets hub name)")
         table, source, locations = self._load(self.hparams.train_path, self.hparams.dataset_name,
                                               self.hparams.dataset_split)
         self.source = source
         if self.hparams.eval_path:
-            eval_table, eval_source, eval_locations = self._load(self.hparams.eval_path, None, None)
+            eval_table, eval_source, eval_locations = self._load(self.hparams.eval_path, None, None,
+                                                                 key="data.eval_path")
             self.eval_source = eval_source
         else:
             # one split of the row numbers, applied to the rows and to their locations (the split datasets makes)
@@ -175,14 +192,15 @@ class VisualMCQDataModule(LightningDataModule):
         self.train_table, self.eval_table = table, eval_table
         self.train_locations, self.eval_locations = locations, eval_locations
 
-    def _load(self, path: str | None, name: str | None, split: str | None):
-        """(table, source, locations) of a parquet file, a folder of them (empty files left out) or a hub split."""
+    def _load(self, path: str | None, name: str | None, split: str | None, key: str = "data.train_path"):
+        """(table, source, locations) of a parquet file, a folder of them (empty files left out) or a hub split;
+        ``key`` is the setting that names ``path``."""
         from datasets import Dataset, Image as ImageFeature, load_dataset
 
         if path:
             p = Path(path)
             if not p.exists():
-                raise FileNotFoundError(f"data.train_path/eval_path: {path} does not exist")
+                raise FileNotFoundError(f"{key}: {path} does not exist")
             files = sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else [str(p)]
             if not files:
                 raise FileNotFoundError(f"{path}: folder holds no .parquet files")
@@ -244,11 +262,19 @@ class VisualMCQDataModule(LightningDataModule):
             # Lightning restores the loop counters before it asks for the loader: continue a resumed epoch.
             epoch = self.trainer.fit_loop.epoch_progress.current.processed
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            per_epoch = sampler.num_samples // batch_size if drop_last else -(-sampler.num_samples // batch_size)
+            per_epoch = self._batches_per_epoch(sampler.num_samples // batch_size if drop_last
+                                                else -(-sampler.num_samples // batch_size))
             if per_epoch and done >= per_epoch:  # the checkpoint closed an epoch: the next one starts afresh
                 epoch, done = epoch + 1, 0
             saved = self._saved_order or {}
-            sampler.resume_at(epoch, done * batch_size, saved.get("seed") if saved.get("epoch") == epoch else None)
+            offset = saved.get("epoch_offset", 0)
+            if saved.get("batches") is not None and saved["batches"] < per_epoch and \
+                    epoch > saved["epoch"] + offset:
+                # A fit stopped by max_steps mid-epoch checkpoints its epoch as finished: an extended run continues
+                # that epoch's order (under the next epoch number Lightning gives it), as an uninterrupted run would.
+                offset, done = epoch - saved["epoch"], saved["batches"]
+            sampler.resume_at(epoch, done * batch_size,
+                              saved.get("seed") if saved.get("epoch") == epoch - offset else None, offset)
         self._train_sampler = sampler
         dataset = VisualMCQDataset(self.train_table, self.source, self.train_locations)
         return DataLoader(
@@ -261,14 +287,26 @@ class VisualMCQDataModule(LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
 
+    def _batches_per_epoch(self, batches: int) -> int:
+        """The training batches of an epoch, as Lightning's ``limit_train_batches`` cuts them."""
+        limit = getattr(self.trainer, "limit_train_batches", None)
+        if isinstance(limit, int):
+            return min(batches, limit)
+        return int(batches * limit) if isinstance(limit, float) and limit < 1.0 else batches
+
     def state_dict(self) -> dict:
-        """The batch size and the current epoch's shuffling seed (one process), so a resume continues the order."""
+        """The batch size and the training order's position: its epoch, the batches consumed in it, its shuffling
+        seed (one process) and the offset of Lightning's epoch numbers, so a resume continues the order."""
         sampler = self._train_sampler
         if sampler is None:
             return {}
         state = {"batch_size": int(self.hparams.batch_size)}
+        order = {"epoch": int(sampler.order_epoch), "epoch_offset": int(sampler.epoch_offset)}
+        if self.trainer is not None:
+            order["batches"] = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         if sampler.epoch_seed is not None:
-            state["train_order"] = {"epoch": int(sampler.epoch), "seed": int(sampler.epoch_seed)}
+            order["seed"] = int(sampler.epoch_seed)
+        state["train_order"] = order
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -281,15 +319,22 @@ class VisualMCQDataModule(LightningDataModule):
         self._saved_order = state_dict.get("train_order")
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = 0, 1
-        if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
+        return self._held_out_loader(VisualMCQDataset(self.eval_table, self.eval_source, self.eval_locations))
+
+    def test_dataloader(self) -> DataLoader:
+        """The test (or predict) questions, each scored once over the processes, like the validation questions."""
+        return self._held_out_loader(self.scored)
+
+    predict_dataloader = test_dataloader
+
+    def _held_out_loader(self, dataset: VisualMCQDataset) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         return DataLoader(
-            VisualMCQDataset(self.eval_table, self.eval_source, self.eval_locations),
+            dataset,
             batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-            sampler=ShardSampler(len(self.eval_table), rank, world),
+            sampler=ShardSampler(len(dataset), rank, world),
             num_workers=self.hparams.num_workers,
-            collate_fn=self.collator(self.eval_source),
+            collate_fn=self.collator(dataset.source),
         )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
@@ -302,11 +347,14 @@ class VisualMCQDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Counts the rows the collator dropped from ``batch`` (it may have run in a worker process; this runs here)."""
         if isinstance(batch, PromptBatch) and batch.skipped and self.trainer is not None:
-            self.skipped.add("train" if self.trainer.training else "val", batch.skipped)
+            predicting = getattr(self.trainer, "predicting", False)
+            stage = "train" if self.trainer.training else "predict" if predicting else "val"  # test counts as val
+            self.skipped.add(stage, batch.skipped)
         return batch
 
     def report_skipped_rows(self, stage: str) -> int:
-        """Rows skipped in ``stage`` ("train" or "val") since the last call, summed over processes; counting restarts.
+        """Rows skipped in ``stage`` ("train", "val" (test too) or "predict") since the last call, summed over
+        processes; counting restarts.
 
         A collective: every process calls it (the module, at the end of each epoch). When rows
         were skipped, rank zero logs one line: how many, of which kinds, and the file, row and

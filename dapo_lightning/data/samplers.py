@@ -45,10 +45,14 @@ class ResumableShuffleSampler(DistributedSampler):
     every W-th index, exactly as the ``DistributedSampler`` Lightning would inject; being a
     ``DistributedSampler``, Lightning leaves it in place.
 
-    ``resume_at(epoch, start, epoch_seed)``: Lightning restarts a plain loader's epoch from
-    its first batch when it resumes, so the data module tells the sampler the epoch's
+    ``resume_at(epoch, start, epoch_seed, epoch_offset)``: Lightning restarts a plain loader's
+    epoch from its first batch when it resumes, so the data module tells the sampler the epoch's
     seed and how many of this rank's indices the checkpointed run had consumed; they are
-    skipped in that epoch only.
+    skipped in that epoch only. ``epoch_offset``: Lightning's epoch number minus the epoch of the
+    order served. It is 1 after a fit that stopped at ``max_steps`` mid-epoch is extended: that
+    fit's checkpoint counts its epoch as finished, so Lightning numbers the continued epoch one
+    higher, while the order continues the unfinished one (and every later epoch's order is the
+    one an uninterrupted run would use).
     """
 
     def __init__(self, length: int, *, num_replicas: int = 1, rank: int = 0, seed: int | None = None):
@@ -57,10 +61,17 @@ class ResumableShuffleSampler(DistributedSampler):
         self.draw_seed = seed is None
         self.epoch_seed: int | None = None
         self.start, self._start_epoch, self._pinned_seed = 0, 0, None
+        self.epoch_offset = 0
 
-    def resume_at(self, epoch: int, start: int, epoch_seed: int | None = None) -> None:
+    @property
+    def order_epoch(self) -> int:
+        """The epoch whose order is served (Lightning's epoch less ``epoch_offset``)."""
+        return self.epoch - self.epoch_offset
+
+    def resume_at(self, epoch: int, start: int, epoch_seed: int | None = None, epoch_offset: int = 0) -> None:
         self.set_epoch(epoch)
         self.start, self._start_epoch, self._pinned_seed = start, epoch, epoch_seed
+        self.epoch_offset = epoch_offset
 
     def __iter__(self):
         resuming = self.epoch == self._start_epoch
@@ -71,8 +82,12 @@ class ResumableShuffleSampler(DistributedSampler):
                 seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
             self.epoch_seed = seed
             indices = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-        else:
-            indices = list(super().__iter__())
+        else:  # DistributedSampler's permutation of seed + the order's epoch
+            lightning_epoch, self.epoch = self.epoch, self.order_epoch
+            try:
+                indices = list(super().__iter__())
+            finally:
+                self.epoch = lightning_epoch
         if resuming and self.start:
             indices = indices[self.start :]
         return iter(indices)

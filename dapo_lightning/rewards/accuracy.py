@@ -20,11 +20,11 @@ letters to ASCII and upper-casing, so the solution may be "C", " c" or "Ｃ".
 Two departures from the original's parser are deliberate, and SPEC section 2 states them:
 they fix its false positives and keep all 672 recorded rewards (each pinned by a test).
 
-- In steps 2 and 3 a letter is a capital (SPEC 2: "outside ``<answer>`` only capital
-  letters count"). With any case allowed, English words read as answers: "The answer is
+- In steps 2 and 3 a letter is a capital: outside ``<answer>`` lower-case letters never
+  count (SPEC section 2). With any case allowed, English words read as answers: "The answer is
   clear" would pick C and "the option a user wants" A (the original scored "I answered B"
   as E). Inside ``<answer>`` the comparison is case-insensitive, as the SPEC says.
-- A letter must stand alone (SPEC 2: "not the D of 'Dog'"): the next character (and in
+- A letter must stand alone, so a word's first letter is not an answer (SPEC section 2): the next character (and in
   pattern (3) and step 3 the previous one too) is not an ASCII or full-width letter, digit
   or underscore, so "The answer is Dog" picks nothing. CJK characters may touch it:
   "答案是B选项" reads B.

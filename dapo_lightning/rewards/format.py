@@ -1,8 +1,8 @@
 """Format reward: 1.0 for ``<think>...</think>`` followed by ``<answer>...</answer>`` (SPEC section 2).
 
-SPEC section 2: "1 when the text, leading and trailing whitespace stripped (as the
-original's later code does), starts with ``<think>``, has no second ``<think>``, closes
-``</think>``, and contains ``<answer>...</answer>`` after it". The original TRL reward
+SPEC section 2: after stripping surrounding whitespace (as the original's later code does)
+the text must begin with ``<think>``, hold no further ``<think>``, close it with
+``</think>`` and have ``<answer>...</answer>`` somewhere after that. The original TRL reward
 (``think_format_reward``) is the regex ``^<think>(?!.*<think>)(.*?)</think>.*$`` (dotall)
 plus the answer tags. Written here with ``str.find`` it takes linear time on any input.
 Stripping first means a chat template or decoder that puts a newline before ``<think>``

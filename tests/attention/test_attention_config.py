@@ -18,11 +18,12 @@ def test_attention_config_trains_with_every_attention_callback(
     from dapo_lightning.cli import main
 
     config = yaml.safe_load((ROOT / "configs" / "attention.yaml").read_text())
-    assert [c["class_path"] for c in config["trainer"]["callbacks"]] == [
-        "dapo_lightning.callbacks.AttentionMetrics",
-        "dapo_lightning.callbacks.TokenWeights",
-        "dapo_lightning.callbacks.MarkdownRolloutLog",
-    ]
+    assert {name: c["class_path"] for name, c in config["callbacks"].items()} == {  # named, in this order
+        "attention_metrics": "dapo_lightning.callbacks.AttentionMetrics",
+        "token_weights": "dapo_lightning.callbacks.TokenWeights",
+        "markdown_rollout_log": "dapo_lightning.callbacks.MarkdownRolloutLog",
+    }
+    assert list(config["callbacks"]) == ["attention_metrics", "token_weights", "markdown_rollout_log"]
     assert config["model"]["rewards"]["reward_funcs"] == ["accuracy", "vgr"]
     run = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["dapo-lightning"])  # the arguments come from the list below

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from dapo_lightning.callbacks.markdown_log import MarkdownRolloutLog

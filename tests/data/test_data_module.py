@@ -78,3 +78,33 @@ def test_synthetic_file_is_built_when_missing(tmp_path, tiny_model_dir):
     assert target.exists()
     assert len(module.train_table) + len(module.eval_table) == 20
     assert all(p.startswith("What colour") for p in module.train_table["problem"])
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_image_side", 0), ("max_image_side", -5), ("max_image_side", 2.5), ("batch_size", True),
+    ("eval_batch_size", 0), ("eval_limit", 0), ("eval_limit", -1), ("num_workers", -1), ("max_prompt_length", 0),
+    ("split_seed", 1.5), ("eval_ratio", 0.0), ("eval_ratio", "0.1"), ("max_image_pixels", 0),
+])
+def test_every_numeric_setting_is_checked_at_construction_naming_its_key(synthetic_parquet, key, value):
+    # data.max_image_side 0 used to reach Pillow's thumbnail() and fail there with a ZeroDivisionError
+    with pytest.raises(ValueError, match=rf"data\.{key}: .*{value!r}"):
+        VisualMCQDataModule(train_path=str(synthetic_parquet), **{key: value})
+
+
+@pytest.mark.parametrize("key, value", [("rows", 0), ("image_size", 0), ("seed", "x")])
+def test_synthetic_data_numbers_are_checked_naming_their_key(synthetic_parquet, key, value):
+    with pytest.raises(ValueError, match=rf"data\.build_synthetic_if_missing\.{key}: .*{value!r}"):
+        VisualMCQDataModule(train_path=str(synthetic_parquet), build_synthetic_if_missing={key: value})
+
+
+def test_valid_numbers_and_unset_limits_are_accepted(synthetic_parquet):
+    module = VisualMCQDataModule(train_path=str(synthetic_parquet), max_image_side=None, eval_batch_size=2,
+                                 eval_limit=1, max_prompt_length=64, num_workers=0, eval_ratio=0.5,
+                                 build_synthetic_if_missing={"rows": 8})
+    assert module.hparams.max_image_side is None and module.hparams.eval_limit == 1
+
+
+def test_max_image_side_zero_no_longer_reaches_pillow(synthetic_parquet, tiny_model_dir):
+    # it used to pass construction and fail at the first batch, inside Pillow, with a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"data\.max_image_side: must be a whole number >= 1 or null, got 0"):
+        next(iter(set_up(synthetic_parquet, tiny_model_dir, max_image_side=0).train_dataloader()))

@@ -1,4 +1,5 @@
-"""Every YAML under configs/ through the CLI; SPEC 8's table; overlays change exactly what they say; strategies.
+"""Every YAML under configs/ through the CLI; SPEC 8's table; overlays change exactly what they say, on every
+experiment they apply to; named callbacks; one run folder per stack of configs; strategies.
 
 Parsing uses the CLI's own parser (built once: LightningCLI builds it slowly); the
 experiment smoke runs go through ``dapo_lightning.cli.main`` like a user's command.
@@ -6,8 +7,12 @@ experiment smoke runs go through ``dapo_lightning.cli.main`` like a user's comma
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +20,11 @@ from dyn_helpers import scalars
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 
-from dapo_lightning.cli import DAPOLightningCLI, main
+from dapo_lightning.cli import DAPOLightningCLI, expand_run_folder, main, ordered_callbacks
 from dapo_lightning.data import VisualMCQDataModule
+from dapo_lightning.hooks import check_callbacks
 from dapo_lightning.module import DAPOModule
+from dapo_lightning.rewards import get_reward_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -65,11 +72,6 @@ def test_top_level_config_parses(parser, name):
     assert cfg.model.policy.model_name_or_path and cfg.data
 
 
-@pytest.mark.parametrize("name", ABLATIONS)
-def test_ablation_overlay_parses_on_exp3(parser, name):
-    parse(parser, "exp3.yaml", name)
-
-
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_strategy_overlay_parses(parser, name):
     parse(parser, "demo.yaml", name)
@@ -104,9 +106,33 @@ SPEC8 = {
 }
 
 
+def build(spec: dict):
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
+
+
+def effective_callbacks(cfg) -> list[dict]:
+    """{class_path, init_args} of each callback the trainer gets, in order: the named ones as the CLI orders them
+    (``cli.ordered_callbacks``), then the plain ``trainer.callbacks`` list."""
+    config = cfg.as_dict()
+    named = {name: spec for name, spec in (config.get("callbacks") or {}).items() if spec is not None}
+    built = {name: build(spec) for name, spec in named.items()}
+    name_of = {id(instance): name for name, instance in built.items()}
+    listed = config["trainer"].get("callbacks") or []
+    return [named[name_of[id(c)]] for c in ordered_callbacks(built)] + (listed if isinstance(listed, list) else [listed])
+
+
 def callback(cfg, name):
-    found = [c for c in cfg.trainer.callbacks if c.class_path.endswith("." + name)]
-    return found[0].init_args if found else None
+    found = [c for c in effective_callbacks(cfg) if c["class_path"].endswith("." + name)]
+    return SimpleNamespace(**found[0].get("init_args") or {}) if found else None
+
+
+def check_stack(cfg) -> None:
+    """The set-up checks the module runs before the model loads: callbacks' needs, rewards' inputs, order."""
+    rewards = cfg.model.rewards
+    callbacks = [build(spec) for spec in effective_callbacks(cfg)]
+    check_callbacks(callbacks, [get_reward_spec(name) for name in rewards.reward_funcs],
+                    rewards.reward_weights or [1.0] * len(rewards.reward_funcs))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -114,6 +140,8 @@ def test_experiment_config_reproduces_spec_8(parser, name):
     (funcs, weights, early, min_reward, epochs, token_weights, lora, eval_generations, prompts, per_forward,
      eval_batch, prompt_length, completion_length, checkpoint_every) = SPEC8[name]
     cfg = parse(parser, f"{name}.yaml")
+    check_stack(cfg)
+    assert not cfg.trainer.callbacks  # every callback named: an overlay can switch one off or change one setting
     # common settings
     assert cfg.model.policy.model_name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert cfg.model.policy.dtype == "bfloat16" and cfg.trainer.precision == "bf16-mixed"
@@ -152,98 +180,227 @@ def test_experiment_config_reproduces_spec_8(parser, name):
         assert cfg.model.policy.lora.target_modules == ["q_proj", "v_proj"]
 
 
-# --- overlays change exactly what they say -------------------------------------------------------------
+# --- overlays change exactly what they say, on every experiment they apply to ------------------------------
 
 
 def flat(tree, prefix=""):
+    """{dotted key: value} of a config, into the named callbacks map too; tuples as lists."""
     out = {}
     for key, value in tree.items():
+        if key == "__path__" or (not prefix and key == "config"):
+            continue
         if isinstance(value, dict):
             out.update(flat(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def class_defaults(class_path: str) -> dict:
+    module, _, name = class_path.rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters.values()
+    return {p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def expected_after(before: dict, named: dict) -> dict:
+    """``before`` (a flat config) with what an overlay names applied as the CLI merges it: a callback switched off
+    (``callbacks.NAME: None``) loses its settings; one switched on that the base lacks has its class's defaults
+    where the overlay names nothing; one the base has keeps its other settings (exp 5's TokenWeights)."""
+    after = dict(before)
+    for key, value in named.items():
+        parts = key.split(".")
+        if parts[0] == "callbacks":
+            entry = ".".join(parts[:2])
+            if len(parts) == 2 and value is None:
+                after = {k: v for k, v in after.items() if not k.startswith(entry + ".")}
+            elif f"{entry}.class_path" not in after:
+                after.pop(entry, None)
+                class_path = named[f"{entry}.class_path"]
+                after[f"{entry}.class_path"] = class_path
+                after.update({f"{entry}.init_args.{k}": v for k, v in class_defaults(class_path).items()})
+        after[key] = value
+    return after
+
+
+def switched_on(name: str, class_path: str, **init_args) -> dict:
+    """What an overlay names to add the callback ``name`` (or, where the base has it, to change these settings)."""
+    return {f"callbacks.{name}.class_path": class_path,
+            **{f"callbacks.{name}.init_args.{key}": value for key, value in init_args.items()}}
+
+
+ALL = EXPERIMENTS
+NOT_VGR_ONLY = [e for e in EXPERIMENTS if e != "exp2"]  # exp 2 trains on the attention reward alone
+# without the attention capture: nothing for exp 2's reward nor for exp 5's token weights to read
+NEITHER_VGR_ONLY_NOR_TOKEN_WEIGHTS = [e for e in EXPERIMENTS if e not in ("exp2", "exp5")]
+NO_VGR = {"model.rewards.reward_weights": [2.5, 0.0, 0.5, 1.0],
+          "callbacks.reward_weight_warmup.init_args.early_reward_weights": [1.0, 0.0, 2.0, 1.0]}
+DYNAMIC_SAMPLING = switched_on("dynamic_sampling", "dapo_lightning.callbacks.DynamicSampling", oversample_factor=1.0,
+                               max_tries=3, keep_if="reward_std")
+OVERLAYS = {  # overlay: (the experiments it applies to, what it names)
+    "ablations/no_vgr.yaml": (NOT_VGR_ONLY, NO_VGR),
+    "ablations/hard_negative.yaml": (ALL, {"model.rewards.reward_funcs": HARD}),
+    "ablations/token_weights.yaml": (ALL, switched_on("token_weights", "dapo_lightning.callbacks.TokenWeights",
+                                                      topk_ratio=0.4, smooth_sigma=1.0, clip=[0.2, 3.0])),
+    "ablations/no_replay_buffer.yaml": (ALL, {"callbacks.replay_buffer": None}),
+    "ablations/dynamic_sampling.yaml": (ALL, DYNAMIC_SAMPLING),
+    "ablations/dynamic_sampling_only.yaml": (ALL, {**DYNAMIC_SAMPLING, "callbacks.replay_buffer": None}),
+    "ablations/no_reward_warmup.yaml": (ALL, {"callbacks.reward_weight_warmup": None}),
+    "ablations/no_attention_metrics.yaml": (NEITHER_VGR_ONLY_NOR_TOKEN_WEIGHTS,
+                                            {"callbacks.attention_metrics": None, **NO_VGR}),
+    "ablations/no_markdown_log.yaml": (ALL, {"callbacks.markdown_rollout_log": None}),
+    "ablations/modality_probe.yaml": (ALL, switched_on("modality_probe", "dapo_lightning.callbacks.ModalityProbe",
+        variants=["image_text", "image_only", "text_black", "text_white", "text_noise"])),
+    "ablations/grpo.yaml": (ALL, {"callbacks.replay_buffer": None, "callbacks.dynamic_sampling": None,
+                                  "model.loss.epsilon_high": 0.2}),
+    "ablations/clip_higher.yaml": (ALL, {"model.loss.epsilon_high": 0.28}),
+}
+for _topk in (0.2, 0.4, 0.6):
+    for _sigma in (0.0, 1.0, 2.0):
+        for _clip in ((0.5, 2.0), (0.2, 3.0)):
+            OVERLAYS[f"ablations/token_weights_grid/topk{_topk}_sigma{_sigma}_clip{_clip[0]}-{_clip[1]}.yaml"] = (
+                ["exp1", "exp3", "exp5"],  # without token weights, and exp 5's own (its other settings kept)
+                switched_on("token_weights", "dapo_lightning.callbacks.TokenWeights", topk_ratio=_topk,
+                            smooth_sigma=_sigma, clip=list(_clip)))
+CASES = [(overlay, experiment) for overlay, (applies_to, _) in sorted(OVERLAYS.items()) for experiment in applies_to]
+_BASES: dict[str, dict] = {}
+
+
+def test_every_ablation_has_an_expected_change():
+    assert set(OVERLAYS) == set(ABLATIONS)
+    assert all({"exp1", "exp3"} <= set(applies_to) for applies_to, _ in OVERLAYS.values())
+
+
+@pytest.mark.parametrize("overlay, experiment", CASES)
+def test_an_overlay_changes_exactly_what_it_names_on_every_experiment(parser, overlay, experiment):
+    """Stacked on each experiment it applies to, an overlay changes the keys it names and nothing else (an overlay
+    used to restate exp 3's callbacks, silently giving exp 1 exp 3's early weights); the stack passes set-up."""
+    _, named = OVERLAYS[overlay]
+    if experiment not in _BASES:
+        _BASES[experiment] = flat(parse(parser, f"{experiment}.yaml").as_dict())
+    stacked = parse(parser, f"{experiment}.yaml", overlay)
+    assert flat(stacked.as_dict()) == expected_after(_BASES[experiment], named)
+    check_stack(stacked)
+
+
+def test_no_replay_buffer_on_exp1_keeps_exp1s_early_weights(parser):
+    cfg = parse(parser, "exp1.yaml", "ablations/no_replay_buffer.yaml")
+    assert callback(cfg, "ReplayBuffer") is None
+    assert callback(cfg, "RewardWeightWarmup").early_reward_weights == [1.0, 0.0, 2.0, 1.0]  # exp 1's, not exp 3's
+    assert cfg.model.rewards.reward_weights == [2.5, 0.0, 0.5, 1.0]
 
 
 def names(callbacks):
     return [c["class_path"].rsplit(".", 1)[1] for c in callbacks]
 
 
-def early(weights):
-    return lambda cbs: [dict(c, init_args={**c["init_args"], "early_reward_weights": weights})
-                        if c["class_path"].endswith("RewardWeightWarmup") else c for c in cbs]
+def test_overlays_stack_on_each_other_in_a_documented_order(parser):
+    """Names keep the place their first config gave them; a new one follows, except that dynamic sampling (which
+    provides the group selection the replay buffer runs after) moves just before the replay buffer."""
+    cfg = parse(parser, "exp1.yaml", "ablations/no_reward_warmup.yaml", "ablations/token_weights.yaml",
+                "ablations/dynamic_sampling.yaml", "ablations/token_weights_grid/topk0.2_sigma2.0_clip0.5-2.0.yaml")
+    assert names(effective_callbacks(cfg)) == ["AttentionMetrics", "DynamicSampling", "ReplayBuffer",
+                                               "MarkdownRolloutLog", "ModelCheckpoint", "TokenWeights"]
+    tw = callback(cfg, "TokenWeights")
+    assert (tw.topk_ratio, tw.smooth_sigma, list(tw.clip)) == (0.2, 2.0, [0.5, 2.0])  # the last overlay's
+    assert callback(cfg, "ReplayBuffer").filter_min_reward == 1.5  # exp 1's, untouched
+    check_stack(cfg)
 
 
-def without(name):
-    return lambda cbs: [c for c in cbs if not c["class_path"].endswith("." + name)]
+def test_a_named_callback_is_changed_or_added_from_the_command_line(parser):
+    cfg = parse(parser, "exp4.yaml", overrides=["--callbacks.replay_buffer.init_args.replay_buffer_size=8",
+                                                "--callbacks.markdown_rollout_log=null"])
+    buffer = callback(cfg, "ReplayBuffer")
+    assert (buffer.replay_buffer_size, buffer.filter_min_reward) == (8, 1.0)  # exp 4's filter kept
+    assert callback(cfg, "MarkdownRolloutLog") is None
 
 
-def insert(before, class_path, **init_args):
-    def apply(cbs):
-        i = names(cbs).index(before)
-        return [*cbs[:i], {"class_path": class_path, "init_args": init_args}, *cbs[i:]]
-
-    return apply
-
-
-def chain(*fns):
-    def apply(cbs):
-        for fn in fns:
-            cbs = fn(cbs)
-        return cbs
-
-    return apply
+def test_a_misspelt_name_is_an_error_that_says_so(parser, tmp_path, capsys):
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text("callbacks:\n  replay_bufer:\n    init_args:\n      replay_buffer_size: 8\n")
+    with pytest.raises(SystemExit):
+        parse(parser, "exp1.yaml", str(overlay))
+    assert (f"{overlay}: callbacks.replay_bufer has no class_path, and no earlier config switches on a callback "
+            "named 'replay_bufer' (on so far: attention_metrics, reward_weight_warmup, replay_buffer, "
+            "markdown_rollout_log, model_checkpoint)") in capsys.readouterr().err
 
 
-NO_VGR = {"model.rewards.reward_weights": [2.5, 0.0, 0.5, 1.0]}
-OVERLAYS = {  # overlay: (callbacks transformation, other keys that change)
-    "ablations/no_vgr.yaml": (early([1.0, 0.0, 2.0, 1.0]), NO_VGR),
-    "ablations/hard_negative.yaml": (chain(), {"model.rewards.reward_funcs": HARD}),
-    "ablations/token_weights.yaml": (insert("RewardWeightWarmup", "dapo_lightning.callbacks.TokenWeights", topk_ratio=0.4,
-                                            smooth_sigma=1.0, clip=(0.2, 3.0)), {}),
-    "ablations/no_replay_buffer.yaml": (without("ReplayBuffer"), {}),
-    "ablations/dynamic_sampling.yaml": (insert("ReplayBuffer", "dapo_lightning.callbacks.DynamicSampling", oversample_factor=1.0,
-                                               max_tries=3, keep_if="reward_std"), {}),
-    "ablations/dynamic_sampling_only.yaml": (chain(insert("ReplayBuffer", "dapo_lightning.callbacks.DynamicSampling",
-                                                          oversample_factor=1.0, max_tries=3, keep_if="reward_std"),
-                                                   without("ReplayBuffer")), {}),
-    "ablations/no_reward_warmup.yaml": (without("RewardWeightWarmup"), {}),
-    "ablations/no_attention_metrics.yaml": (chain(without("AttentionMetrics"), early([1.0, 0.0, 2.0, 1.0])), NO_VGR),
-    "ablations/no_markdown_log.yaml": (without("MarkdownRolloutLog"), {}),
-    "ablations/modality_probe.yaml": (insert("ModelCheckpoint", "dapo_lightning.callbacks.ModalityProbe"), {}),
-    "ablations/grpo.yaml": (without("ReplayBuffer"), {}),  # exp 3 clips at 0.2 already, as the scripts ran
-    "ablations/clip_higher.yaml": (chain(), {"model.loss.epsilon_high": 0.28}),
-}
-for _topk in (0.2, 0.4, 0.6):
-    for _sigma in (0.0, 1.0, 2.0):
-        for _clip in ((0.5, 2.0), (0.2, 3.0)):
-            OVERLAYS[f"ablations/token_weights_grid/topk{_topk}_sigma{_sigma}_clip{_clip[0]}-{_clip[1]}.yaml"] = (
-                insert("RewardWeightWarmup", "dapo_lightning.callbacks.TokenWeights", topk_ratio=_topk, smooth_sigma=_sigma,
-                       clip=_clip), {})
+def test_the_order_follows_the_declarations_and_names_a_cycle():
+    class Provides:
+        def __init__(self, provides=(), runs_after=()):
+            self.provides, self.runs_after = provides, runs_after
+
+    a, b, c = Provides(runs_after=("x",)), Provides(), Provides(provides=("x",), runs_after=("y",))
+    d = Provides(provides=("y",))
+    assert ordered_callbacks({"a": a, "off": None, "b": b, "c": c, "d": d}) == [d, c, a, b]
+    with pytest.raises(ValueError, match=r"callbacks: a -> c -> a: each runs after what the next one provides"):
+        ordered_callbacks({"a": Provides(provides=("y",), runs_after=("x",)), "c": c})
 
 
-def test_every_ablation_has_an_expected_change():
-    assert set(OVERLAYS) == set(ABLATIONS)
+def test_a_plain_callbacks_list_still_works(parser):
+    reference = ROOT / "tests" / "reference" / "every_callback.yaml"
+    cfg = parse(parser, str(reference))
+    assert not cfg.callbacks
+    assert names(effective_callbacks(cfg)) == ["AttentionMetrics", "TokenWeights", "RewardWeightWarmup",
+                                               "DynamicSampling", "ReplayBuffer", "ModalityProbe",
+                                               "MarkdownRolloutLog"]
 
 
-@pytest.mark.parametrize("name", sorted(OVERLAYS))
-def test_ablation_overlay_changes_exactly_what_it_names(parser, name):
-    transform, changed = OVERLAYS[name]
-    base = parse(parser, "exp3.yaml").as_dict()
-    stacked = parse(parser, "exp3.yaml", name).as_dict()
-    expected = transform(base["trainer"].pop("callbacks"))
-    got = stacked["trainer"].pop("callbacks")
-    assert names(got) == names(expected)
-    for g, e in zip(got, expected):
-        g_args, e_args = g.get("init_args") or {}, e.get("init_args") or {}
-        if set(g_args) == set(e_args):  # a callback of exp 3: every argument, defaults included, as expected
-            assert g_args == e_args, g["class_path"]
-        else:  # a callback the overlay adds: the arguments it names
-            assert {k: g_args[k] for k in e_args} == e_args, g["class_path"]
-    before, after = flat(base), flat(stacked)
-    diff = {k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}
-    diff = {k: v for k, v in diff.items() if "__path__" not in k and k != "config"}
-    assert diff == changed
+def test_the_trainer_gets_the_named_callbacks_then_the_list(tmp_path, monkeypatch, tiny_model_dir, synthetic_parquet):
+    monkeypatch.setattr(sys, "argv", ["dapo-lightning"])
+    cli = DAPOLightningCLI(DAPOModule, VisualMCQDataModule, run=False, auto_configure_optimizers=False, args=[
+        "--config", str(CONFIGS / "demo.yaml"), "--config", str(ROOT / "benchmarks" / "configs" / "demo_dapo.yaml"),
+        "--trainer.callbacks+=dapo_lightning.callbacks.ModalityProbe", f"--trainer.default_root_dir={tmp_path}",
+        f"--model.policy.model_name_or_path={tiny_model_dir}", f"--data.train_path={synthetic_parquet}"])
+    from lightning.pytorch.callbacks import ProgressBar
+
+    ours = [type(c).__name__ for c in cli.trainer.callbacks
+            if type(c).__module__.startswith("dapo_lightning") and not isinstance(c, ProgressBar)]
+    assert ours == ["DynamicSampling", "ReplayBuffer", "ModalityProbe", "ContinuousLogSteps", "GracefulShutdown"]
+    check_callbacks(cli.trainer.callbacks, cli.model.reward_specs, cli.model.reward_cfg.weights)
+
+
+def test_the_attention_overlay_merges_into_the_demos_callbacks(parser):
+    """configs/attention.yaml names the demo's two diagnostics' new settings and adds token weights."""
+    cfg = parse(parser, "demo.yaml", "attention.yaml")
+    assert names(effective_callbacks(cfg)) == ["AttentionMetrics", "MarkdownRolloutLog", "TokenWeights"]
+    attention, markdown = callback(cfg, "AttentionMetrics"), callback(cfg, "MarkdownRolloutLog")
+    assert (attention.every_n_steps, attention.on_validation, attention.variant) == (1, True, "original")
+    assert (markdown.every_n_steps, markdown.samples_per_step, markdown.eval_samples) == (10, 4, 8)
+    assert callback(cfg, "TokenWeights").topk_ratio is None
+    check_stack(cfg)
+
+
+@pytest.mark.parametrize("path", BENCHMARK_OVERLAYS)
+def test_a_benchmark_overlay_switches_the_demos_diagnostics_off(parser, path):
+    cfg = parse(parser, "demo.yaml", path)
+    expected = ["DynamicSampling", "ReplayBuffer"] if path.endswith("demo_dapo.yaml") else []
+    assert names(effective_callbacks(cfg)) == expected
+    check_stack(cfg)
+
+
+# --- one run folder per stack of configs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack, folder", [
+    (["exp3"], "runs/exp3"), (["exp3", "cpu"], "runs/exp3+cpu"), (["exp5", "cpu"], "runs/exp5+cpu"),
+    (["exp1", "ablations/no_replay_buffer", "cpu"], "runs/exp1+no_replay_buffer+cpu"), (["demo"], "runs/demo"),
+])
+def test_each_stack_of_configs_has_its_own_run_folder(parser, stack, folder):
+    """``configs/cpu.yaml`` used to send every experiment's smoke run to runs/cpu-smoke (a resume of exp 5 took
+    exp 3's checkpoint); an ablation shared its experiment's folder the same way."""
+    cfg = parse(parser, *(f"{name}.yaml" for name in stack))
+    expand_run_folder(cfg)
+    assert cfg.trainer.default_root_dir == folder
+
+
+def test_print_config_names_the_run_folder(capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.setattr(sys, "argv", ["dapo-lightning"])
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "exp5.yaml"), "--config", str(CONFIGS / "cpu.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["default_root_dir"] == "runs/exp5+cpu"
 
 
 # --- strategies ---------------------------------------------------------------------------------------------

@@ -255,3 +255,26 @@ def test_settings_added_since_a_checkpoint_count_only_when_set_away_from_their_d
     current["optim"]["steps_per_generation"] = 2
     assert changed_settings(saved, current, defaults) == [("model.optim.steps_per_generation", None, 2)]
     assert ("model.rollout.min_p", None, 0.0) in changed_settings(saved, current)  # without defaults: listed
+
+
+def test_extending_a_finished_run_continues_its_epoch(tmp_path, tiny_model_dir, synthetic_parquet):
+    """A fit that ended at max_steps 2 writes last.ckpt as if its epoch were over (Lightning); resumed with max_steps
+    4, it must continue the same epoch's order, as a straight 4-step run does, not start a new shuffle."""
+    from dapo_lightning.config import OptimConfig
+
+    def run_steps(root, steps, ckpt_path=None):
+        log = RolloutLog()
+        module = make_module(tiny_model_dir, rewards=REWARDS, weights=[1.0, 1.0],
+                             optim=OptimConfig(learning_rate=1e-2, lr_scheduler="constant"))
+        cbs = [ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True), log]
+        fit(root, module, make_data(synthetic_parquet, tiny_model_dir), steps=steps, callbacks=cbs,
+            checkpoint=True, ckpt_path=ckpt_path)
+        return module, log.loader
+
+    straight, straight_batches = run_steps(tmp_path / "straight", 4)
+    run_steps(tmp_path / "split", 2)
+    resumed, resumed_batches = run_steps(tmp_path / "split", 4, ckpt_path=str(tmp_path / "split" / "ckpt" / "last.ckpt"))
+    assert resumed_batches == straight_batches[2:]
+    a, b = parameters(straight), parameters(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
