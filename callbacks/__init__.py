@@ -6,6 +6,7 @@ from dapo_lightning.callbacks.markdown_log import MarkdownRolloutLog
 from dapo_lightning.callbacks.modality_probe import ModalityProbe
 from dapo_lightning.callbacks.replay_buffer import ReplayBuffer
 from dapo_lightning.callbacks.reward_warmup import RewardWeightWarmup
+from dapo_lightning.callbacks.text_bias import TextBiasMetrics
 from dapo_lightning.callbacks.token_weights import TokenWeights
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "ModalityProbe",
     "ReplayBuffer",
     "RewardWeightWarmup",
+    "TextBiasMetrics",
     "TokenWeights",
 ]

@@ -16,6 +16,18 @@ the rollout (``rollout.annotations``, moved with their groups):
 and logs ``<stage>/attention/<segment>/{vgr,aei_text,aei_vision,vision_ratio}`` (means over
 usable rows) and ``<stage>/attention/skipped/<reason>`` (row counts) for train and val.
 
+After each captured training step it also logs how much signal the ``vgr`` reward (SPEC 2) can
+give the batch that was trained on, over every process's rows (:func:`vgr_reward_health`; logged
+whether or not that reward is configured):
+
+- ``train/vgr_reward/gate_closed_groups``: the fraction of groups whose VGR values cannot rank them
+  (``rewards.vgr.group_statistics`` is None: fewer than 3 usable values or a spread below the IQR
+  gate), in which the reward gives every row 0.5 and so no advantage;
+- ``train/vgr_reward/accuracy_spearman``: Spearman's rank correlation of VGR and accuracy over the
+  rows with a finite VGR (ties take their mean rank); negative when the more image-grounded rows (lower
+  VGR) are the correct ones, so the reward agrees with accuracy. Not logged (absent) at a step where it
+  is undefined: fewer than two such rows, or all of them equally correct or of equal VGR.
+
 Capture runs on every ``every_n_steps``-th training rollout and on every validation
 rollout (``on_validation``), and on every rollout of both stages, extra ones included, when a
 configured reward or callback reads what it provides (``pl_module.needed_annotations``: the
@@ -25,9 +37,11 @@ of this off.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from dapo_lightning import distributed
 from dapo_lightning.annotations import RowValues
@@ -44,8 +58,47 @@ from dapo_lightning.attention import (
     attention_report,
 )
 from dapo_lightning.hooks import RolloutCallback
+from dapo_lightning.metrics import row_accuracy
+from dapo_lightning.rewards.vgr import group_statistics
 
 LOGGED_METRICS = ("vgr", "aei_text", "aei_vision", "vision_ratio")
+
+
+class VGRRewardHealth(NamedTuple):
+    gate_closed_groups: float  # fraction of groups the vgr reward gives 0.5 on every row (NaN without groups)
+    accuracy_spearman: float  # rank correlation of VGR and accuracy over rows with a finite VGR (NaN: undefined)
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """[n] -> [n] float64 ranks from 1, tied values sharing the mean of their positions."""
+    ordered, order = values.sort()  # [n]
+    _, block, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)  # [n], [U]
+    ends = counts.cumsum(0).double()  # [U] the last position of each block of ties
+    ranks = torch.empty(values.shape[0], dtype=torch.float64)
+    ranks[order] = (ends - (counts.double() - 1) / 2)[block]  # [n]
+    return ranks
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` [n] (Pearson's of their average ranks); NaN when fewer than two
+    values or either is constant."""
+    if x.numel() < 2:
+        return math.nan
+    rx, ry = average_ranks(x), average_ranks(y)  # [n]
+    dx, dy = rx - rx.mean(), ry - ry.mean()  # [n]
+    norm = float((dx.square().sum() * dy.square().sum()).sqrt())
+    return float((dx * dy).sum()) / norm if norm > 0 else math.nan
+
+
+def vgr_reward_health(vgr: Tensor, accuracy: Tensor, num_generations: int) -> VGRRewardHealth:
+    """The ``vgr`` reward's gate and its agreement with accuracy over ``vgr``, ``accuracy`` [W, N]: each process's
+    N rows are its groups of ``num_generations`` consecutive rows, as the reward sees them (SPEC 2)."""
+    G = num_generations
+    groups = [row[start : start + G].tolist() for row in vgr for start in range(0, vgr.shape[1] - G + 1, G)]
+    closed = sum(group_statistics(group) is None for group in groups)
+    vgr, accuracy = vgr.reshape(-1), accuracy.reshape(-1)  # [W * N]
+    usable = torch.isfinite(vgr)
+    return VGRRewardHealth(closed / len(groups) if groups else math.nan, spearman(vgr[usable], accuracy[usable]))
 
 
 class AttentionMetrics(RolloutCallback):
@@ -83,6 +136,7 @@ class AttentionMetrics(RolloutCallback):
         self.chunk_elements = chunk_elements
         self.capture_during_generation = capture_during_generation
         self.train_rollouts = 0  # training rollouts seen (checkpointed, so every_n_steps survives a resume)
+        self._captured_step = False  # whether the latest training step's own rollout was captured
         self._val_totals: torch.Tensor | None = None
         self._special: SpecialTokens | None = None
 
@@ -141,9 +195,23 @@ class AttentionMetrics(RolloutCallback):
     def on_rollout_generated(self, trainer, pl_module, rollout) -> None:
         if rollout.stage == "train" and not rollout.is_extra:
             self.train_rollouts += 1
+            # the same on every process (captured by rule, not by data): the health's collective runs on all or none
+            self._captured_step = "attention" in rollout.annotations
         report = rollout.annotations.get("attention")
         if report is not None and not rollout.is_extra:  # the curves describe the step's own rollouts
             self._log(trainer, pl_module, rollout.stage, report)
+
+    def on_rollout_update_end(self, trainer, pl_module, rollout, result) -> None:
+        """The ``vgr`` reward's health over the trained batch (its groups as the loss saw them, replayed ones too)."""
+        if rollout.is_extra or not self._captured_step or "vgr" not in rollout.annotations:
+            return
+        rows = torch.stack([rollout.annotations["vgr"].values.double().to(rollout.completion_ids.device),
+                            row_accuracy(rollout).double()])  # [2, N]
+        gathered = distributed.gather(rows.to(trainer.strategy.root_device)).cpu()  # [W, 2, N]
+        health = vgr_reward_health(gathered[:, 0], gathered[:, 1], rollout.num_generations)
+        for name, value in health._asdict().items():
+            if not math.isnan(value):  # undefined at this step: not logged
+                pl_module.log(f"train/vgr_reward/{name}", value, on_step=True, on_epoch=False, batch_size=1)
 
     # --- logging ---------------------------------------------------------------------------------
     # Each logged value is a sum over usable rows and a row count (or, for skips, a count alone), reduced over
@@ -211,4 +279,4 @@ class AttentionMetrics(RolloutCallback):
         self.train_rollouts = int(state_dict.get("train_rollouts", 0))
 
 
-__all__ = ["AttentionMetrics", "LOGGED_METRICS"]
+__all__ = ["AttentionMetrics", "LOGGED_METRICS", "VGRRewardHealth", "spearman", "vgr_reward_health"]

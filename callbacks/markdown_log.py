@@ -7,7 +7,9 @@ Files, in ``dirpath`` (default: the logger's version folder, else ``default_root
   VGR/AEI table when ``AttentionMetrics`` ran, a "Token Weights" section when
   ``TokenWeights`` ran, then a few samples, each with its prompt, completion, solution,
   rewards, advantage and attention metrics as JSON;
-- ``eval_results.md``: the same for each validation epoch (all its rollouts in the tables);
+- ``eval_results.md``: the same for each validation epoch (all its rollouts in the tables), with
+  accuracy per ``source`` when the data has that column and, for the text-bias task's held-out
+  rows (a ``cue`` column too), a table per split of accuracy, answers picking the cue and VGR;
 - ``token_weights.md``: the completion tokens of a few samples with their weights.
 
 Model text is untrusted and written only fenced or escaped (the rendering, pure, is
@@ -41,6 +43,7 @@ from dapo_lightning.callbacks.markdown_render import (
     sample_indices,
     usable_segment_values,
 )
+from dapo_lightning.callbacks.text_bias import TextBiasRows, missing_columns, text_bias_rows
 from dapo_lightning.hooks import RolloutCallback
 from dapo_lightning.metrics import rate_columns, source_name
 from dapo_lightning.storage import probe_writable
@@ -60,6 +63,7 @@ class _EvalParts:
     segments: list[dict] = field(default_factory=list)  # per rollout: usable VGR/AEI values per segment
     samples: list[str] = field(default_factory=list)  # rendered sample blocks, at most eval_samples
     sources: list[str] = field(default_factory=list)  # per row: the data's ``source`` (when it has that column)
+    text_bias: list[TextBiasRows] = field(default_factory=list)  # per rollout, when the data has a ``cue`` column
 
 
 class MarkdownRolloutLog(RolloutCallback):
@@ -186,6 +190,8 @@ class MarkdownRolloutLog(RolloutCallback):
         self._eval.totals.append(rollout.rewards.detach().float().cpu())
         self._eval.rates.append(rate_columns(rollout))
         self._eval.sources.extend(source_name(s) for s in rollout.row_columns().get("source", []))
+        if not missing_columns(rollout.prompts.columns):  # the text-bias task's held-out rows (docs/text_bias.md)
+            self._eval.text_bias.append(text_bias_rows(rollout))
         report = rollout.annotations.get("attention")
         if report is not None:
             self._eval.segments.append(usable_segment_values(report))
@@ -204,7 +210,7 @@ class MarkdownRolloutLog(RolloutCallback):
         start = time.perf_counter()
         when = "before training (sanity check)" if trainer.sanity_checking else f"step {trainer.global_step}"
         text = render_eval(when, state.names, state.per_func, state.totals, state.rates, state.segments,
-                           state.samples, state.sources)
+                           state.samples, state.sources, state.text_bias)
         self._append(self.eval_path, "Evaluation", text)
         self.seconds += time.perf_counter() - start
 

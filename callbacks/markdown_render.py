@@ -278,16 +278,35 @@ def source_table(sources: list[str], accuracy: torch.Tensor) -> str:
     return "\n".join(lines) + "\n"
 
 
+def text_bias_table(splits: list[str], accuracy: torch.Tensor, picks_cue: torch.Tensor, vgr: torch.Tensor) -> str:
+    """Markdown table per split (name order) of the text-bias task: rows, accuracy, the fraction of answers that pick
+    the cue's option (n/a without a cue; on ``conflict``, the text reliance) and VGR (mean ± std over finite values).
+    Every argument has one entry per row [N]."""
+    lines = ["| split | rows | accuracy | picks the cue | VGR |", "|---|---|---|---|---|"]
+    for split in sorted(set(splits)):
+        rows = torch.tensor([s == split for s in splits])
+        cued = picks_cue[rows][~picks_cue[rows].isnan()]
+        lines.append(f"| {cell(split)} | {int(rows.sum())} | {number(accuracy[rows].mean())} | "
+                     f"{number(cued.mean()) if cued.numel() else 'n/a'} | {mean_std(vgr[rows])} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_eval(when: str, reward_names: list[str], per_func: list[torch.Tensor], totals: list[torch.Tensor],
                 rates: list[dict[str, torch.Tensor]], segments: list[dict], samples: list[str],
-                sources: list[str] | None = None) -> str:
+                sources: list[str] | None = None, text_bias: list | None = None) -> str:
     """A validation epoch's section of ``eval_results.md`` from its rollouts' collected parts (``sources``: the
-    ``source`` of every row, when the data has that column)."""
+    ``source`` of every row, when the data has that column; ``text_bias``: each rollout's ``TextBiasRows``, when
+    the data has the text-bias task's ``cue`` column)."""
     rate_values = {k: torch.cat([r[k] for r in rates]) for k in rates[0]}
     parts = [f"## Eval, {when}\n", overall_table(reward_names, torch.cat(per_func), torch.cat(totals), rate_values)]
     if sources:
         parts.append("### Accuracy per source\n")
         parts.append(source_table(sources, rate_values["accuracy"]))
+    if text_bias:
+        parts.append("### Text bias\n")
+        parts.append(text_bias_table([s for rows in text_bias for s in rows.splits], rate_values["accuracy"],
+                                     torch.cat([rows.picks_cue for rows in text_bias]),
+                                     torch.cat([rows.vgr for rows in text_bias])))
     if segments:
         merged = {seg: {m: torch.cat([s[seg][m] for s in segments]) for m in TABLE_METRICS} for seg in segments[0]}
         parts.append("### Attention (VGR / AEI)\n")

@@ -5,6 +5,10 @@ reference's log-probs, in eval mode where they do not train. The passes go throu
 project's shared-prompt code when the model allows it (``rollout.uses_shared_prompt``):
 each image is encoded and each prompt prefilled once per group. ``DAPOModule`` holds one
 actor, made in ``configure_model``; recorders (``hooks.PassRecorder``) ride along the passes.
+
+``lockstep`` (set by the module when the strategy shards the parameters, ``distributed.shards_parameters``):
+every forward is then a collective, so every process makes the same forwards: the decoders step until
+all processes are done, and each pass makes as many forwards as the busiest process.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor
 
+from dapo_lightning import distributed
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import PolicyConfig, RolloutConfig
 from dapo_lightning.hooks import PassRecorder
@@ -30,6 +35,7 @@ class Actor:
         self.processor = processor
         self.policy_cfg, self.rollout_cfg = policy_cfg, rollout_cfg
         self.token_ids = TokenIds.from_tokenizer(processor.tokenizer, getattr(model, "generation_config", None))
+        self.lockstep = False  # parameters sharded over processes: every process makes the same forwards
 
     @property
     def tokenizer(self):
@@ -83,7 +89,7 @@ class Actor:
 
             rollout = generate(self.model, batch, self.tokenizer, settings, self.token_ids, stage=stage,
                                shared_prompt=self.rollout_cfg.shared_prompt,
-                               on_decode_step=on_decode_step if recorders else None)
+                               on_decode_step=on_decode_step if recorders else None, lockstep=self.lockstep)
         for recorder in recorders:
             recorder.finish(rollout)
         return rollout
@@ -107,7 +113,7 @@ class Actor:
         temperature = self.rollout_cfg.temperature
         if self.shares_prompts_in_logps:
             return completion_logps_shared(model, rollout, rows, temperature=temperature, with_entropy=with_entropy,
-                                           width=width)
+                                           width=width, lockstep=self.lockstep)
         return completion_logps(model, rollout.model_inputs(rows, width), temperature=temperature,
                                 with_entropy=with_entropy)
 
@@ -128,6 +134,7 @@ class Actor:
         """
         T = rollout.completion_ids.shape[1]
         old_parts, ref_parts = [], []
+        idle = self.idle_forwards(len(chunks), rollout.completion_ids.device)
         with self.eval_mode():
             if recorders or old:
                 with ExitStack() as stack:
@@ -141,12 +148,20 @@ class Actor:
                         old_parts.append(_pad_right(self.completion_logps(rollout, rows).logps, T))
                 for recorder in recorders:
                     recorder.finish(rollout)
+                for _ in range(idle):  # outside the recorders: forwards that only keep step with the other processes
+                    self.completion_logps(rollout, chunks[0])
             if reference:  # outside the recorders: a LoRA reference runs through the same attention modules
                 ref_parts = [_pad_right(self.reference_logps(rollout, rows), T) for rows in chunks]
+                for _ in range(idle):
+                    self.reference_logps(rollout, chunks[0])
         if old:
             rollout.old_logps = torch.cat(old_parts)  # [N, T]
         if reference:
             rollout.ref_logps = torch.cat(ref_parts)  # [N, T]
+
+    def idle_forwards(self, count: int, device) -> int:
+        """How many more forwards than ``count`` the busiest process makes in a pass (0 unless ``lockstep``)."""
+        return distributed.most(count, device) - count if self.lockstep else 0
 
 
 def _pad_right(values: Tensor, width: int, value: float = 0.0) -> Tensor:

@@ -3,6 +3,7 @@
     dapo-lightning fit --config configs/demo.yaml
     dapo-lightning fit --config configs/exp3.yaml --config configs/ablations/no_vgr.yaml
     dapo-lightning fit --help        # every key, with its docstring
+    dapo-lightning export --ckpt runs/exp3/checkpoints/last.ckpt --out runs/exp3/step-800   # dapo_lightning/export.py
 
 Configs stack (the last one wins). Callbacks are named under ``callbacks:`` (``NAME: {class_path,
 init_args}``), a map that stacked configs merge by name: an overlay switches one off (``NAME: null``), adds
@@ -335,8 +336,16 @@ class _NoAdvertisement(logging.Filter):
         return "litlogger" not in str(record.msg)
 
 
-def main(args: list[str] | None = None) -> None:
+EXPORT = "export"  # a subcommand of its own (no Trainer method): dapo_lightning/export.py
+
+
+def main(args: list[str] | None = None) -> int | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == [EXPORT]:  # a checkpoint -> the folder a fit's end writes; parsed before LightningCLI's subcommands
+        from dapo_lightning.export import main as export_main
+
+        return export_main(argv[1:])
     # The console script's sys.path starts with its own bin folder, not the working folder `python -m` adds: a reward
     # or callback named by dotted path (``my_rewards.brevity``) is looked up there too (last: it shadows nothing).
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -350,7 +359,8 @@ def main(args: list[str] | None = None) -> None:
             DAPOModule,
             VisualMCQDataModule,
             args=args,
-            parser_kwargs={"prog": "dapo-lightning"},
+            parser_kwargs={"prog": "dapo-lightning", "epilog": f"{EXPORT}: a checkpoint as the folder a fit's end "
+                           "writes (dapo-lightning export --help)"},
             auto_configure_optimizers=False,
         )
     finally:
@@ -360,4 +370,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from dapo_lightning.advantages import AGGREGATIONS, SCALE_MODES
-from dapo_lightning.loss import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
+from dapo_lightning.loss import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings, PreferenceSettings
 
 
 def coerce(cls, value: Any, key: str = "model"):
@@ -230,6 +230,14 @@ class LossConfig:
     """KL penalty weight to the frozen initial policy (0: no reference model is loaded)."""
     mask_truncated_completions: bool = False
     """Completions cut at ``max_completion_length`` (no EOS) take no part in the loss and its token count (TRL's option of the same name, verl's overlong filtering); the ``length`` reward still scores them."""
+    preference_weight: float = 0.0
+    """lambda of the preference term among a group's correct completions (SPEC section 9): lambda x the mean over pairs of -log sigmoid(beta (d_top - d_bottom) - m), d a completion's summed log-ratio to the sampling policy, top the more image-grounded (smaller VGR) of the pair. 0: off. Above 0 it needs the ``accuracy`` reward and the ``AttentionMetrics`` callback."""
+    preference_beta: float = 0.1
+    """beta of the preference term: the scale of the pair's difference of sequence log-ratios."""
+    preference_margin: float = 0.0
+    """m of the preference term: the margin that beta (d_top - d_bottom) is pushed past."""
+    preference_pairs_per_group: int = 2
+    """K of the preference term: at most this many pairs per group, the i-th most grounded correct completion with the i-th least grounded (fewer when the group has fewer than 2K correct completions with a usable VGR)."""
 
     def __post_init__(self) -> None:
         _check(self.loss_type in LOSS_TYPES, "model.loss.loss_type", f"choose from {LOSS_TYPES}")
@@ -242,6 +250,15 @@ class LossConfig:
             f"choose from {IMPORTANCE_LEVELS}",
         )
         _check(_finite(self.beta) and self.beta >= 0, "model.loss.beta", f"must be a finite number >= 0, got {self.beta}")
+        _check(_finite(self.preference_weight) and self.preference_weight >= 0, "model.loss.preference_weight",
+               f"must be a finite number >= 0 (0: off), got {self.preference_weight}")
+        _check(_finite(self.preference_beta) and self.preference_beta > 0, "model.loss.preference_beta",
+               f"must be a finite number > 0, got {self.preference_beta}")
+        _check(_finite(self.preference_margin) and self.preference_margin >= 0, "model.loss.preference_margin",
+               f"must be a finite number >= 0, got {self.preference_margin}")
+        _check(isinstance(self.preference_pairs_per_group, int) and not isinstance(self.preference_pairs_per_group, bool)
+               and self.preference_pairs_per_group >= 1, "model.loss.preference_pairs_per_group",
+               f"must be an integer >= 1, got {self.preference_pairs_per_group!r}")
 
     def settings(self, max_completion_length: int) -> PolicyLossSettings:
         """The loss function's constants (``dr_grpo`` divides by ``max_completion_length``)."""
@@ -249,6 +266,10 @@ class LossConfig:
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
             importance_sampling_level=self.importance_sampling_level, loss_type=self.loss_type, beta=self.beta,
             max_completion_length=max_completion_length, mask_truncated=self.mask_truncated_completions,
+            preference=PreferenceSettings(weight=self.preference_weight, beta=self.preference_beta,
+                                          margin=self.preference_margin,
+                                          pairs_per_group=self.preference_pairs_per_group)
+            if self.preference_weight > 0 else None,
         )
 
 

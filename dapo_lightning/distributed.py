@@ -3,6 +3,12 @@
 Every function is a no-op (or returns its input) without an initialised process group of
 more than one process, so the same code runs on one CPU and under DDP. Each is a
 collective under DDP: every process must call it, in the same order.
+
+Under parameter sharding (:func:`shards_parameters`: FSDP, DeepSpeed ZeRO-3) every forward of the
+policy is a collective too (each layer gathers its parameters from the other processes), so the
+passes run in lockstep: the decoders step until no process has a row left (one all-reduce of a
+"still running" flag per step, :func:`any_process`), and each pass makes as many forwards as the
+busiest process (:func:`most`). Under DDP and on one process none of that runs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,29 @@ def rank_and_world() -> tuple[int, int]:
     if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shards_parameters(trainer_or_strategy) -> bool:
+    """Whether the strategy shards the policy's parameters over processes, so that each forward is a collective:
+    Lightning's ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2), and ``DeepSpeedStrategy`` at ZeRO stage 3.
+    False for one process, DDP and ZeRO-1/2 (whose forwards see full parameters), and for None (no trainer)."""
+    strategy = getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
+    if strategy is None:
+        return False
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if names & {"FSDPStrategy", "ModelParallelStrategy"}:
+        return True
+    if "DeepSpeedStrategy" in names:
+        config = getattr(strategy, "config", None)
+        return isinstance(config, dict) and (config.get("zero_optimization") or {}).get("stage") == 3
+    return False
+
+
+def most(count: int, device: torch.device | str) -> int:
+    """The largest ``count`` over processes (one all-reduce); ``count`` without a process group."""
+    if not is_distributed():
+        return int(count)
+    return int(global_max(torch.tensor(float(count), device=device)))
 
 
 def global_sum(value: Tensor) -> Tensor:

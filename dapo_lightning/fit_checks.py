@@ -1,4 +1,4 @@
-"""What is checked before a fit spends time: output folders, the DeepSpeed config, the export folder.
+"""What is checked before a fit spends time: output folders, the strategy and its DeepSpeed config, the export folder.
 
 The callbacks' and rewards' declarations are checked by ``hooks.check_callbacks`` (at set-up,
 before the model loads); the checks here need the trainer's loggers and strategy and run at
@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dapo_lightning import storage
 from dapo_lightning.config import OptimConfig
+from dapo_lightning.distributed import shards_parameters
 
 
 def check_folders_before_loggers(trainer) -> None:
@@ -75,11 +76,47 @@ def check_output_folders(trainer, policy) -> None:
 
 
 def check_strategy(trainer, optim: OptimConfig) -> None:
-    """Refuse a DeepSpeed config that would train on the wrong gradient (see :func:`deepspeed_accumulation_problem`)."""
+    """Refuse a strategy this module cannot train with: a DeepSpeed config that would train on the wrong gradient
+    (:func:`deepspeed_accumulation_problem`) or that shards the parameters (ZeRO-3, :func:`deepspeed_stage3_problem`),
+    and, under parameter sharding, rows skipped as unusable (:func:`sharded_skip_problem`)."""
     if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
-        problem = deepspeed_accumulation_problem(getattr(trainer.strategy, "config", None), optim)
+        config = getattr(trainer.strategy, "config", None)
+        problem = deepspeed_stage3_problem(config) or deepspeed_accumulation_problem(config, optim)
         if problem:
             raise ValueError(problem)
+    problem = sharded_skip_problem(trainer)
+    if problem:
+        raise ValueError(problem)
+
+
+def deepspeed_stage3_problem(config: dict | None) -> str | None:
+    """Why this DeepSpeed config is refused: ZeRO stage 3, which no run of this project has tested, or None.
+
+    Decoding, the log-prob passes and the update run in lockstep under any sharding (``distributed.py``), but
+    ZeRO-3 has further paths (the end-of-fit export gathers FSDP's parameters, not ZeRO-3's) that no machine has
+    run: refused rather than risking a hang or a wrong export. ZeRO-2 (``configs/deepspeed_zero2.json``) or FSDP
+    (``configs/strategies/fsdp.yaml``) shard the optimizer states and gradients, FSDP the parameters too.
+    """
+    stage = ((config or {}).get("zero_optimization") or {}).get("stage")
+    if stage == 3:
+        return ('trainer.strategy: DeepSpeed ZeRO stage 3 ("zero_optimization": {"stage": 3}) is not supported; '
+                "use stage 2 (configs/deepspeed_zero2.json) or FSDP (configs/strategies/fsdp.yaml) to shard the "
+                "parameters too")
+    return None
+
+
+def sharded_skip_problem(trainer) -> str | None:
+    """Why ``data.on_bad_row: skip`` is refused under parameter sharding, or None.
+
+    Every forward is then a collective: a validation batch whose rows were all unusable leaves its
+    process out of the others' forwards (the probe's, the decoder's), which would wait for it forever.
+    """
+    hparams = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
+    if shards_parameters(trainer) and hparams.get("on_bad_row") == "skip":
+        return ("data.on_bad_row: skip cannot be used when trainer.strategy shards the parameters (FSDP): a batch "
+                "whose rows are all unusable would leave its process out of the other processes' forwards; check "
+                "the files first (python -m dapo_lightning.data_prep validate FILE) and keep on_bad_row: error")
+    return None
 
 
 def deepspeed_accumulation_problem(config: dict | None, optim: OptimConfig) -> str | None:

@@ -57,13 +57,18 @@ def completion_logps(model, inputs: dict[str, Tensor], *, temperature: float = 1
 
 def completion_logps_shared(
     model, rollout: RolloutBatch, rows: list[int], *, temperature: float = 1.0, with_entropy: bool = False,
-    width: int | None = None,
+    width: int | None = None, lockstep: bool = False,
 ) -> LogProbs:
     """``completion_logps`` for ``rows``, running each prompt once and its completions from its repeated cache.
 
     The prompt pass keeps its graph, so gradients reach every prompt token and the
     vision tower through the cached keys and values, exactly as in the full forward;
     a group split across calls simply runs its prompt in each. [n, T'] results.
+
+    Two forwards, the prompt's and the completions', except that completions of one token need
+    only the first. With ``lockstep`` (parameters sharded over processes: each forward is a
+    collective, and the backward of each is too) the second runs anyway, on the first token, and
+    enters the result times zero: every process makes the same forwards and backwards.
     """
     from transformers import DynamicCache
 
@@ -83,20 +88,23 @@ def completion_logps_shared(
     width = rollout.completion_width(rows_t) if width is None else width
     completion_ids = rollout.completion_ids.index_select(0, rows_t)[:, :width]  # [n, T']
     completion_mask = completion_mask[:, :width]
+    prompt_width = prompts.attention_mask.shape[1]  # P'
     attention_mask = torch.cat(
         [prompts.attention_mask.index_select(0, slot), completion_mask.to(prompts.attention_mask.dtype)], dim=1
     )  # [n, P' + T']
     positions = next_position.index_select(0, slot).unsqueeze(1) + torch.arange(width, device=rows_t.device)  # [n, T']
     logits = first.index_select(0, slot).unsqueeze(1)  # [n, 1, V]
-    if width > 1:
+    if width > 1 or lockstep:
+        fed = max(width - 1, 1)  # lockstep at width 1: the first token, whose logits are not used
         rest = model(
-            input_ids=completion_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=positions[:, :-1].unsqueeze(0).expand(3, -1, -1),
+            input_ids=completion_ids[:, :fed],
+            attention_mask=attention_mask[:, : prompt_width + fed],
+            position_ids=positions[:, :fed].unsqueeze(0).expand(3, -1, -1),
             cache=cache,
             use_cache=True,
         ).logits  # [n, T' - 1, V] position t predicts completion token t + 1
-        logits = torch.cat([logits, rest], dim=1)  # [n, T', V]
+        # width 1: adds exactly 0 (the second forward is in the graph, so its backward runs on every process)
+        logits = torch.cat([logits, rest], dim=1) if width > 1 else logits + rest.sum() * 0  # [n, T', V]
     return _from_logits(logits, completion_ids, completion_mask, temperature, with_entropy)
 
 

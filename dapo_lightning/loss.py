@@ -16,6 +16,10 @@ How this departs from plain GRPO (each switch is a config key of ``LossConfig``)
 - an optional KL penalty to a frozen reference when ``beta > 0`` (DAPO uses none).
 - per-token advantage multipliers (``advantages`` of shape [N, T]), used by the
   attention token weights (SPEC section 4).
+- an optional preference term among a group's correct completions (the Debias-DAPO paper's
+  Eq. 6, SPEC section 9), off unless ``preference_weight`` > 0. As printed, the paper's term
+  compares no-grad attention scores and gives the policy no gradient; here a pair compares the
+  completions' sequence log-ratios d = sum_t (logp - old_logp), DPO-style, so it does.
 """
 
 from __future__ import annotations
@@ -92,6 +96,19 @@ def aggregate(
 
 
 @dataclass(frozen=True)
+class PreferenceSettings:
+    """The preference term's constants (SPEC 9).
+
+    The term: ``weight`` x the mean over pairs of -log sigmoid(``beta`` (d_top - d_bottom) - ``margin``).
+    """
+
+    weight: float  # lambda
+    beta: float = 0.1  # scale of the log-ratio difference
+    margin: float = 0.0  # m: beta * (d_top - d_bottom) should exceed it
+    pairs_per_group: int = 2  # K
+
+
+@dataclass(frozen=True)
 class PolicyLossSettings:
     """The objective's constants: ``LossConfig`` and the completion length, fixed for a run."""
 
@@ -102,6 +119,7 @@ class PolicyLossSettings:
     beta: float = 0.0  # KL penalty weight (needs ``ref_logps``)
     max_completion_length: int | None = None  # the ``dr_grpo`` constant
     mask_truncated: bool = False  # truncated completions (no EOS) take no part in the loss (see ``update.py``)
+    preference: PreferenceSettings | None = None  # the preference term among correct completions (None: off)
 
 
 def dapo_policy_loss(
@@ -147,6 +165,46 @@ def dapo_policy_loss(
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
     return LossOutput(loss=loss, metrics=metrics, num_tokens=mask.sum().detach())
+
+
+# --- the preference term among correct completions (SPEC 9) ------------------------------------------------------
+
+
+def sequence_log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor) -> Tensor:
+    """d: each row's log pi_theta / pi_old of its whole completion, summed over its valid tokens."""
+    return ((logps - old_logps) * mask.to(logps.dtype)).sum(-1)  # [N]
+
+
+def preference_pair_loss(d_top: Tensor, d_bottom: Tensor, beta: float, margin: float) -> Tensor:
+    """-log sigmoid(beta * (d_top - d_bottom) - margin) per pair, written as a softplus (stable for large margins)."""
+    return torch.nn.functional.softplus(margin - beta * (d_top - d_bottom))  # [M]
+
+
+def preference_coefficients(d: Tensor, top: Tensor, bottom: Tensor, beta: float, margin: float) -> Tensor:
+    """Each row's derivative of its pair's loss with respect to its own d (0 for rows in no pair), detached.
+
+    For the pair loss l = softplus(margin - beta * (d_top - d_bottom)), with
+    w = sigmoid(margin - beta * (d_top - d_bottom)): dl/d d_top = -beta * w and dl/d d_bottom = +beta * w.
+    ``d`` [N] holds the rows' d where the gradient is taken; ``top``/``bottom`` [M] are row indices.
+    """
+    d = d.detach()
+    w = torch.sigmoid(margin - beta * (d[top] - d[bottom]))  # [M]
+    coefficients = torch.zeros_like(d)  # [N]
+    coefficients.index_add_(0, top, -beta * w)
+    coefficients.index_add_(0, bottom, beta * w)
+    return coefficients  # [N]
+
+
+def preference_surrogate(d: Tensor, coefficients: Tensor, weight: float, normalizer: Tensor | float) -> Tensor:
+    """A scalar whose gradient is ``weight / normalizer * sum_i coefficients_i * grad d_i``, and whose value is 0.
+
+    Linear in each row's d, so rows in different micro-batches (and processes) contribute
+    separately; with ``coefficients`` taken where d is (``preference_coefficients``) and
+    ``normalizer`` the pairs of the optimizer step (over all processes, / W), the step's gradient
+    is that of ``weight`` x the mean pair loss. The term's value is ``preference_pair_loss``'s.
+    """
+    linear = (coefficients.detach() * (d - d.detach())).sum()  # 0, with the gradient of sum c_i d_i
+    return weight * linear / torch.as_tensor(normalizer, dtype=d.dtype, device=d.device).clamp(min=1e-8)
 
 
 def micro_batch_scale(loss_type: str, num_micro_batches: int) -> float:

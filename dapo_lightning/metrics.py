@@ -21,7 +21,7 @@ from dapo_lightning.batch import RolloutBatch
 from dapo_lightning.rewards.accuracy import accuracy as accuracy_reward
 from dapo_lightning.rewards.format import format_reward
 
-SUMMED = ("skipped_rows", "resized_rows", "reward_errors/")  # counts: summed over processes
+SUMMED = ("skipped_rows", "resized_rows", "reward_errors/", "preference/pairs")  # counts: summed over processes
 
 
 def reward_column(rollout: RolloutBatch, name: str) -> Tensor | None:

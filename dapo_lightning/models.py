@@ -8,6 +8,8 @@ adapter names, then the adapter, when peft is installed).
 What is saved loads with stock ``transformers`` (``docs/evaluation.md``): the processor is saved as
 ``Qwen2_5_VLProcessor`` (:meth:`ImageOnlyQwenVLProcessor.to_dict`), the generation config suppresses
 the vision tokens (:func:`export_generation_config`) and an adapter names its base by an absolute path.
+At the end of a fit the parameters are gathered first when the strategy shards them (:func:`export_trained`);
+``dapo-lightning export`` writes the same files from a checkpoint (``export.py``).
 """
 
 from __future__ import annotations
@@ -185,16 +187,17 @@ def export_generation_config(model, tokenizer):
     return config
 
 
-def export_pretrained(policy, processor, target) -> None:
+def export_pretrained(policy, processor, target, state_dict: dict | None = None) -> None:
     """Save the trained policy (or its LoRA adapter) with its processor and generation config to ``target``,
     loadable by stock ``from_pretrained`` calls (``docs/evaluation.md``).
 
+    ``state_dict``: the policy's full parameters when the module's own are shards (:func:`full_state_dict`).
     A LoRA adapter's ``adapter_config.json`` names its base model by the path the policy was loaded from; a local
     folder is written as an absolute path, so the adapter loads from any working directory (a hub name is kept).
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(target)
+    policy.save_pretrained(target, **({} if state_dict is None else {"state_dict": state_dict}))
     base_model = policy.get_base_model() if hasattr(policy, "peft_config") else policy
     export_generation_config(base_model, processor.tokenizer).save_pretrained(target)
     adapter_config = target / "adapter_config.json"
@@ -203,3 +206,46 @@ def export_pretrained(policy, processor, target) -> None:
         if base and Path(base).exists():
             _set_json(adapter_config, base_model_name_or_path=str(Path(base).resolve()))
     processor.save_pretrained(target)
+
+
+def export_trained(trainer, policy, processor, target) -> None:
+    """The end-of-fit export (``model.export_final``), called on every process: a sharded policy's parameters are
+    gathered to rank 0 first (:func:`full_state_dict`, a collective), and rank 0 writes."""
+    state_dict = full_state_dict(trainer, policy)
+    if trainer.global_rank == 0:
+        export_pretrained(policy, processor, target, state_dict)
+
+
+def full_state_dict(trainer, policy) -> dict | None:
+    """The policy's full state dict on rank 0 (empty elsewhere) when the strategy shards its parameters, else None.
+
+    A collective under sharding: every process calls it. FSDP (Lightning's ``FSDPStrategy``, FSDP2's
+    ``ModelParallelStrategy``): torch's full state dict of the wrapped model, gathered to rank 0 on the CPU.
+    DeepSpeed ZeRO-3 is refused before a fit (``fit_checks.check_strategy``). One process, DDP and ZeRO-1/2 hold
+    the parameters whole: None, and the policy saves its own.
+    """
+    from dapo_lightning.distributed import shards_parameters
+
+    if not shards_parameters(trainer):
+        return None
+    return gather_full_state_dict(trainer.strategy.model, policy)
+
+
+def gather_full_state_dict(root: torch.nn.Module, policy: torch.nn.Module) -> dict:
+    """``policy``'s full parameters from ``root``, the sharded model that holds it (FSDP or FSDP2), on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    found = [name for name, module in root.named_modules() if module is policy]
+    if not found:
+        raise ValueError("the policy is not a submodule of the strategy's model")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(root, options=options)  # clean names, without FSDP's wrapper prefixes
+    prefix = _clean_name(found[0])
+    prefix = f"{prefix}." if prefix else ""
+    return {key[len(prefix):]: value for key, value in full.items() if key.startswith(prefix)}
+
+
+def _clean_name(name: str) -> str:
+    """A module path without the wrapper levels FSDP and Lightning insert (torch's state dicts leave them out)."""
+    wrappers = ("_fsdp_wrapped_module", "_forward_module", "_checkpoint_wrapped_module", "_orig_mod")
+    return ".".join(part for part in name.split(".") if part and part not in wrappers)

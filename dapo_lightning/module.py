@@ -11,7 +11,8 @@ How this departs from the DAPO paper and from GRPO (the config key that turns ea
 - dynamic sampling and the replay buffer are callbacks (remove them from ``trainer.callbacks``);
 - the attention-grounding reward ``vgr`` needs the ``AttentionMetrics`` callback;
   per-token advantage weights come from the ``TokenWeights`` callback;
-- no KL term by default (``model.loss.beta`` > 0 adds one to the frozen initial policy).
+- no KL term by default (``model.loss.beta`` > 0 adds one to the frozen initial policy);
+- no preference term among correct completions by default (``model.loss.preference_weight`` > 0, SPEC 9).
 
 The module only orchestrates (see ``docs/architecture.md``): generation is ``rollout.py``,
 log-probs ``logprobs.py``, scoring ``scoring.py``, the optimizer steps ``update.py``, the
@@ -33,13 +34,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from transformers import TrainerState
 
-from dapo_lightning import checkpointing, distributed, evaluation, fit_checks, guards, metrics, storage
+from dapo_lightning import checkpointing, distributed, evaluation, fit_checks, guards, metrics, preference, storage
 from dapo_lightning.actor import Actor
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 from dapo_lightning.config import LossConfig, OptimConfig, PolicyConfig, RewardConfig, RolloutConfig, coerce, default_settings
 from dapo_lightning.hooks import check_callbacks, rollout_callbacks
 from dapo_lightning.logprobs import LogProbs
-from dapo_lightning.models import build_policy, export_pretrained
+from dapo_lightning.models import build_policy, export_trained
 from dapo_lightning.optim import build_optimizer
 from dapo_lightning.predictions import prediction_rows
 from dapo_lightning.rewards import get_reward_spec
@@ -85,6 +86,7 @@ class DAPOModule(LightningModule):
         self.save_hyperparameters({**{k: asdict(v) for k, v in configs.items()}, "export_final": export_final})
         self.automatic_optimization = False
         self.reward_specs = [get_reward_spec(name) for name in self.reward_cfg.reward_funcs]
+        preference.check_rewards(self.loss_cfg.preference_weight, self.reward_names)  # SPEC 9 pairs correct rows
         if self.optim_cfg.steps_per_generation > self.rollout_cfg.num_generations:  # every mini-batch gets rows
             raise ValueError(f"model.optim.steps_per_generation: at most model.rollout.num_generations="
                              f"{self.rollout_cfg.num_generations}, got {self.optim_cfg.steps_per_generation}")
@@ -142,11 +144,11 @@ class DAPOModule(LightningModule):
     # --- model, checks, checkpoints -------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.actor is not None:
-            return
-        policy, reference, processor = build_policy(self.policy_cfg, with_reference=self.loss_cfg.beta > 0)
-        self.actor = Actor(policy, reference, processor, self.policy_cfg, self.rollout_cfg)
-        self.policy = policy
+        if self.actor is None:
+            policy, reference, processor = build_policy(self.policy_cfg, with_reference=self.loss_cfg.beta > 0)
+            self.actor = Actor(policy, reference, processor, self.policy_cfg, self.rollout_cfg)
+            self.policy = policy
+        self.actor.lockstep = distributed.shards_parameters(self._trainer)  # sharded: every forward is a collective
 
     def configure_callbacks(self):
         # The earliest hook of a fit: Lightning's loggers write before ``setup``; a full disk is an error naming it.
@@ -158,7 +160,8 @@ class DAPOModule(LightningModule):
         storage.install_atomic_checkpoint_io(self.trainer)
         # Before the model loads: a configuration the callbacks or rewards cannot serve fails now.
         plan = check_callbacks(self.trainer.callbacks, self.reward_specs, self.reward_cfg.weights)
-        self.needed_annotations = plan.needed_annotations
+        self.needed_annotations = plan.needed_annotations | preference.needed_annotations(
+            self.loss_cfg.preference_weight, self.trainer.callbacks)  # the preference term reads each row's vgr
 
     def on_fit_start(self) -> None:
         fit_checks.check_output_folders(self.trainer, self.policy)
@@ -364,9 +367,9 @@ class DAPOModule(LightningModule):
         return build_optimizer(trainable, self.optim_cfg, self.total_optimizer_steps())
 
     def on_fit_end(self) -> None:
-        if not self.export_final or self.trainer.interrupted or self.trainer.global_rank != 0:
+        if not self.export_final or self.trainer.interrupted:
             return
-        export_pretrained(self.policy, self.actor.processor, self.export_dir)
+        export_trained(self.trainer, self.policy, self.actor.processor, self.export_dir)  # sharded: every process
         rank_zero_info(f"saved the trained {'adapter' if self.policy_cfg.lora else 'policy'} to {self.export_dir}")
         if self.accuracy_before_training is not None and self.trainer.callback_metrics.get("val/accuracy") is not None:
             after = float(self.trainer.callback_metrics["val/accuracy"])

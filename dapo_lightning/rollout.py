@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
+from dapo_lightning import distributed
 from dapo_lightning.batch import PromptBatch, RolloutBatch
 
 # Tokens a policy must never sample: they would make the next forward expect image features.
@@ -81,12 +82,15 @@ def generate_hf(
     token_ids: TokenIds,
     *,
     stage: str = "train",
+    lockstep: bool = False,
 ) -> RolloutBatch:
     """Sample G completions for each prompt with ``model.generate`` (rows grouped by prompt).
 
     ``generate`` repeats each prompt G times before the prefill, so it encodes every
     image and prefills every prompt G times; kept as the reference and as the path
     for models without Qwen2.5-VL's cache layout (``model.rollout.shared_prompt: false``).
+    ``lockstep`` (parameters sharded over processes, ``distributed.shards_parameters``): ``generate``'s
+    ``synced_gpus``, every process decodes until all are done.
     """
     P = prompts.input_ids.shape[1]
     inputs = prompts.model_inputs(next(model.parameters()).dtype)
@@ -108,6 +112,7 @@ def generate_hf(
         pad_token_id=token_ids.pad,
         suppress_tokens=list(token_ids.suppress) or None,
         use_cache=True,
+        **({"synced_gpus": True} if lockstep else {}),
     )  # [N, P + T]
     completion_ids = output[:, P:]  # [N, T]
     return _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, stage)
@@ -186,6 +191,7 @@ def generate_shared(
     *,
     stage: str = "train",
     on_decode_step: Callable[[int, Tensor], None] | None = None,
+    lockstep: bool = False,
 ) -> RolloutBatch:
     """Sample G completions per prompt, encoding each image and prefilling each prompt once.
 
@@ -195,6 +201,11 @@ def generate_shared(
     largest position + 1 (``get_rope_index``), whatever its left padding.
     ``on_decode_step(t, attention_mask)`` runs before the forward that feeds completion
     token t (attention captures use it).
+
+    ``lockstep`` (parameters sharded over processes: every forward is a collective): decoding stops
+    when no process has a row left, not when this one's rows are done; one all-reduce of the
+    "still running" flag per step. A process whose rows are done feeds padding (no sampling, no
+    ``on_decode_step``), so its completions, and its random draws, are those it decodes alone.
     """
     from transformers import DynamicCache
 
@@ -217,19 +228,24 @@ def generate_shared(
     V = logits.shape[-1]
     # the repetition penalty's tokens: prompt, then each step's (a finished row's pad too, as generate appends it)
     seen = prompt_tokens_seen(prompts, V).repeat_interleave(G, dim=0) if settings.repetition_penalty != 1.0 else None
+    done = False  # every row of this process has its EOS (or the length limit)
     for t in range(settings.max_new_tokens):
-        token = sample_next(logits, settings, suppress_eos if t < settings.min_new_tokens else suppress,
-                            seen[:, :V] if seen is not None else None)  # [N]
-        token = torch.where(finished, torch.full_like(token, token_ids.pad), token)
-        steps.append(token)
-        finished |= torch.isin(token, eos)
-        if seen is not None:
-            seen.scatter_(1, token.clamp(max=V).unsqueeze(1), True)  # [N, V + 1]
-        if bool(finished.all()) or t == settings.max_new_tokens - 1:
+        if not done:
+            token = sample_next(logits, settings, suppress_eos if t < settings.min_new_tokens else suppress,
+                                seen[:, :V] if seen is not None else None)  # [N]
+            token = torch.where(finished, torch.full_like(token, token_ids.pad), token)
+            steps.append(token)
+            finished |= torch.isin(token, eos)
+            if seen is not None:
+                seen.scatter_(1, token.clamp(max=V).unsqueeze(1), True)  # [N, V + 1]
+            done = bool(finished.all()) or t == settings.max_new_tokens - 1
+        if t == settings.max_new_tokens - 1 or not (distributed.any_process(not done, device) if lockstep else not done):
             break
+        if done:  # lockstep: idle on padding while another process decodes
+            token = torch.full_like(token, token_ids.pad)
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # [N, P + t + 1]
         position_ids = (position + t).view(1, -1, 1).expand(3, -1, 1)  # [3, N, 1]
-        if on_decode_step is not None:
+        if on_decode_step is not None and not done:
             on_decode_step(t, attention_mask)
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position_ids,
                     cache=cache, use_cache=True)
@@ -295,14 +311,17 @@ def generate(
     stage: str = "train",
     shared_prompt: bool = True,
     on_decode_step: Callable[[int, Tensor], None] | None = None,
+    lockstep: bool = False,
 ) -> RolloutBatch:
     """G completions per prompt: prefilled once per prompt when the model allows it, else by ``model.generate``.
 
-    ``on_decode_step`` is only called by the shared-prompt decoder (see ``uses_shared_prompt``).
+    ``on_decode_step`` is only called by the shared-prompt decoder (see ``uses_shared_prompt``). ``lockstep``:
+    every process decodes until all are done (parameters sharded: each forward is a collective).
     """
     if uses_shared_prompt(model, shared_prompt):
-        return generate_shared(model, prompts, tokenizer, settings, token_ids, stage=stage, on_decode_step=on_decode_step)
-    return generate_hf(model, prompts, tokenizer, settings, token_ids, stage=stage)
+        return generate_shared(model, prompts, tokenizer, settings, token_ids, stage=stage,
+                               on_decode_step=on_decode_step, lockstep=lockstep)
+    return generate_hf(model, prompts, tokenizer, settings, token_ids, stage=stage, lockstep=lockstep)
 
 
 def prompt_next_position(model, prompts: PromptBatch) -> Tensor:

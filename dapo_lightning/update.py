@@ -16,6 +16,16 @@ no scheduler step either, so the learning-rate schedule follows the optimizer st
 actually taken (Lightning's ``global_step`` counts those too, so a skipped step does not
 count towards ``max_steps``). The decision is all-reduced, so every process skips together
 (DDP would otherwise diverge).
+
+With ``model.loss.preference_weight`` > 0 the step's loss also holds the preference term among
+correct completions (SPEC 9, pairs from ``preference.py``). A pair's two rows may lie in
+different micro-batches, mini-batches or (never: pairs are within a group) processes, so the
+term enters each row's backward as a linear surrogate ``c_i * d_i`` whose coefficient is the
+pair loss's derivative with respect to that row's d, taken at the optimizer step's parameters:
+d = 0 where the policy is still the one that sampled (no stored old log-probs, or the
+rollout's first optimizer step for its own, not replayed, rows); otherwise a no-grad forward of
+the pair's rows at the start of the step. The step's gradient is then exactly that of
+``weight`` x the mean pair loss over the step's pairs (all processes), however it is split.
 """
 
 from __future__ import annotations
@@ -28,10 +38,10 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
-from dapo_lightning import distributed, guards
+from dapo_lightning import distributed, guards, preference
 from dapo_lightning.batch import RolloutBatch
 from dapo_lightning.logprobs import LogProbs
-from dapo_lightning.loss import PolicyLossSettings, dapo_policy_loss, micro_batch_scale
+from dapo_lightning.loss import PolicyLossSettings, dapo_policy_loss, micro_batch_scale, sequence_log_ratio
 
 PER_STEP = ("loss", "grad_norm")  # metrics that are not per-token means
 
@@ -79,6 +89,10 @@ class LightningHost:
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self.module.policy.named_parameters() if p.requires_grad]
 
+    @property
+    def lockstep(self) -> bool:  # parameters sharded over processes (Actor.lockstep): each forward is a collective
+        return bool(getattr(self.module.actor, "lockstep", False))
+
     def step_optimizer(self) -> Tensor:
         optimizer, scheduler = self.module.optimizers(), self.module.lr_schedulers()
         norm = self.clip_gradients(optimizer)
@@ -120,13 +134,16 @@ class UpdateResult:
     sums: dict[str, Tensor] = field(default_factory=dict)  # token-weighted sums of the loss's metrics, "entropy"
     tokens: Tensor | None = None  # the valid completion tokens those sums are over
     grad_norm: Tensor | None = None  # the first optimizer step's gradient norm before clipping
+    preference: dict[str, Tensor] = field(default_factory=dict)  # the preference term's first pass (when it is on)
 
     def metrics(self) -> dict[str, Tensor]:
-        """``loss``, ``grad_norm`` and the per-token means (clip ratios, ratio, entropy, kl) that were computed."""
+        """``loss``, ``grad_norm``, the per-token means (clip ratios, ratio, entropy, kl) that were computed and,
+        with the preference term on, ``preference/{pairs,loss,margin}``."""
         out = {} if self.loss is None else {"loss": self.loss}
         out.update({key: value / self.tokens.clamp(min=1.0) for key, value in self.sums.items()})
         if self.grad_norm is not None:
             out["grad_norm"] = self.grad_norm
+        out.update({f"preference/{key}": value for key, value in self.preference.items()})
         return out
 
 
@@ -155,19 +172,27 @@ class _StepPlan:
     padding: int  # zero-loss backward passes to match the busiest process
     scale: float  # factor on each micro-batch's loss (micro_batch_scale)
     normalizer: Tensor  # dapo: the step's loss tokens over all processes / W
+    pair_normalizer: Tensor | None = None  # preference: the step's pairs over all processes / W (None: term off)
 
 
-def _plan(rows: list[int], lengths: list[int], tokens: Tensor, settings: UpdateSettings, device) -> _StepPlan:
+def _plan(rows: list[int], lengths: list[int], tokens: Tensor, settings: UpdateSettings, device,
+          paired: dict[int, int] | None = None) -> _StepPlan:
     size = settings.micro_batch_size or len(rows)
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     # DDP all-reduces every backward, so every process must make the same number of them even when its rollout has
     # fewer rows (skipped bad rows): the missing micro-batches back-propagate a zero loss.
     padding = micro_batches_on_busiest_process(len(chunks), device) - len(chunks)
     # SPEC 5: dapo divides by the step's loss tokens over all micro-batches and processes, per process.
-    normalizer = distributed.global_sum(tokens[rows].sum().float()) / distributed.rank_and_world()[1]
+    pair_normalizer = None
+    if paired is None:
+        normalizer = distributed.global_sum(tokens[rows].sum().float()) / distributed.rank_and_world()[1]
+    else:  # SPEC 9 in the same all-reduce: the step's pairs, one whose rows lie in two steps counting half in each
+        halves = torch.tensor(sum(r in paired for r in rows) / 2, device=tokens.device)
+        both = distributed.global_sum(torch.stack([tokens[rows].sum().float(), halves]))  # [2]
+        normalizer, pair_normalizer = (both / distributed.rank_and_world()[1]).unbind()
     return _StepPlan(chunks=chunks, widths=[max(max(lengths[r] for r in chunk), 1) for chunk in chunks],
                      padding=padding, scale=micro_batch_scale(settings.loss.loss_type, len(chunks)),
-                     normalizer=normalizer)
+                     normalizer=normalizer, pair_normalizer=pair_normalizer)
 
 
 def update_policy(rollout: RolloutBatch, host: TrainingHost, settings: UpdateSettings) -> UpdateResult:
@@ -181,23 +206,30 @@ def update_policy(rollout: RolloutBatch, host: TrainingHost, settings: UpdateSet
     lengths = rollout.completion_lengths.tolist()  # one sync: every micro-batch's width, [N]
     kept = ~rollout.truncated.bool() if settings.loss.mask_truncated else None  # [N] rows in the loss
     tokens = rollout.completion_mask.sum(-1) if kept is None else rollout.completion_mask.sum(-1) * kept  # [N]
-    plans = [_plan(rows, lengths, tokens, settings, host.device)
+    term = preference.PreferenceTerm.of(rollout, settings.loss.preference, kept)  # SPEC 9 (None: off)
+    plans = [_plan(rows, lengths, tokens, settings, host.device, None if term is None else term.partner)
              for rows in mini_batches(rollout.num_rows, settings.steps_per_generation)]
     faults = [*rollout.faults, *guards.rollout_faults(rollout)]
     result = UpdateResult(skipped=distributed.any_process(bool(faults), host.device), faults=faults)
     for iteration in range(0 if result.skipped else settings.num_iterations):
-        for plan in plans:
+        for step, plan in enumerate(plans):
+            coefficients = None if term is None else \
+                _step_coefficients(term, rollout, plan.chunks, host, lengths, kept, iteration == 0 and step == 0)
             checks = []  # per micro-batch: (rows, non-finite log-prob rows [n], finite loss [])
             for rows, width in zip(plan.chunks, plan.widths):
-                out, logps = _micro_batch(rollout, rows, width, host, settings.loss, plan.normalizer, kept,
-                                          iteration == 0)
+                out, logps, old = _micro_batch(rollout, rows, width, host, settings.loss, plan.normalizer, kept,
+                                               iteration == 0)
+                loss = out.loss * plan.scale
+                if coefficients is not None and any(r in term.partner for r in rows):  # not scaled: a mean over pairs
+                    loss = loss + term.surrogate(rows, sequence_log_ratio(logps.logps, old, logps.mask), coefficients,
+                                                 plan.pair_normalizer, first_pass=iteration == 0)
                 checks.append((rows, guards.nonfinite_row_mask(logps.logps.detach(), logps.mask),
-                               torch.isfinite(out.loss.detach())))
-                host.manual_backward(out.loss * plan.scale)
+                               torch.isfinite(loss.detach())))
+                host.manual_backward(loss)
                 if iteration == 0:
                     _accumulate(result, out, logps, plan.scale)
             for _ in range(plan.padding):
-                host.manual_backward(_zero_loss(host))
+                host.manual_backward(_zero_loss(host, rollout))
             if _skip(result, checks, host, rollout):
                 host.discard_gradients()
                 result.skipped = True
@@ -205,6 +237,8 @@ def update_policy(rollout: RolloutBatch, host: TrainingHost, settings: UpdateSet
             grad_norm = host.step_optimizer()
             if result.grad_norm is None:
                 result.grad_norm = grad_norm
+        if iteration == 0 and term is not None:
+            result.preference = term.metrics(sum(plan.pair_normalizer for plan in plans))
     return result
 
 
@@ -220,7 +254,35 @@ def _micro_batch(rollout, rows, width, host, loss_settings, normalizer, kept, fi
         advantages = advantages.unsqueeze(-1) * rollout.token_weights[index, :width]  # [n, T']
     ref = None if rollout.ref_logps is None else rollout.ref_logps[index, :width]  # [n, T']
     out = dapo_policy_loss(logps.logps, old, advantages, logps.mask, loss_settings, normalizer=normalizer, ref_logps=ref)
-    return out, logps
+    return out, logps, old
+
+
+def _log_ratios(rollout: RolloutBatch, rows: list[int], width: int, host: TrainingHost, kept) -> Tensor:
+    """d of ``rows`` at the current parameters, without gradients (SPEC 9), [n]."""
+    with torch.no_grad():
+        logps = host.completion_logps(rollout, rows, width=width)
+    index = torch.tensor(rows, device=rollout.completion_ids.device)
+    width = logps.logps.shape[1]
+    mask = logps.mask if kept is None else logps.mask * kept[index].unsqueeze(-1).to(logps.mask.dtype)  # [n, T']
+    return sequence_log_ratio(logps.logps, rollout.old_logps[index, :width], mask)  # [n]
+
+
+def _step_coefficients(term: preference.PreferenceTerm, rollout: RolloutBatch, chunks: list[list[int]],
+                       host: TrainingHost, lengths: list[int], kept, first_step: bool) -> Tensor:
+    """[N] the preference coefficients of this optimizer step's rows at its parameters (``PreferenceTerm``): the
+    rows whose d is not known get a no-grad forward, in micro-batches of the step's size (padded to the busiest
+    process's count when the parameters are sharded, ``host.lockstep``: every forward is then a collective)."""
+    rows = [r for chunk in chunks for r in chunk]
+    wanted = term.rows_to_measure(rows, first_step=first_step, stored_old=rollout.old_logps is not None)
+    size = max(len(chunks[0]), 1)
+    parts = [wanted[i : i + size] for i in range(0, len(wanted), size)]
+    d = torch.zeros(rollout.num_rows, dtype=torch.float32, device=rollout.completion_ids.device)  # [N]
+    for part in parts:
+        d[part] = _log_ratios(rollout, part, max(max(lengths[r] for r in part), 1), host, kept).float()
+    if getattr(host, "lockstep", False):
+        for _ in range(micro_batches_on_busiest_process(len(parts), host.device) - len(parts)):
+            _log_ratios(rollout, [0], max(lengths[0], 1), host, kept)
+    return term.coefficients(d, rows)  # [N]
 
 
 def _accumulate(result: UpdateResult, out, logps: LogProbs, scale: float) -> None:
@@ -235,8 +297,11 @@ def _accumulate(result: UpdateResult, out, logps: LogProbs, scale: float) -> Non
         result.sums[key] = result.sums[key] + value if key in result.sums else value
 
 
-def _zero_loss(host: TrainingHost) -> Tensor:
-    """A loss whose backward adds exactly zero to every trainable parameter's gradient."""
+def _zero_loss(host: TrainingHost, rollout: RolloutBatch) -> Tensor:
+    """A loss whose backward adds exactly zero to every trainable parameter's gradient; with sharded parameters
+    (``host.lockstep``) one row's log-probs times zero, as a backward is then a collective of the layers run."""
+    if getattr(host, "lockstep", False):
+        return host.completion_logps(rollout, [0], width=1).logps.sum() * 0
     return sum((p * 0).sum() for _, p in host.trainable_parameters())
 
 

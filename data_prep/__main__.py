@@ -19,6 +19,9 @@ COMMANDS = {
     "merge": ("dapo_lightning.data_prep.merge", "concatenate DDM files: dedup, per-source caps, seeded shuffle"),
     "validate": ("dapo_lightning.data_prep.validate", "check a DDM parquet is a usable training set"),
     "synthetic": ("dapo_lightning.data_prep.synthetic", "synthetic coloured-shape questions (offline demo data)"),
+    "text-bias": ("dapo_lightning.data_prep.text_bias", "colour questions whose text cue names an answer (text-bias task)"),
+    "modality-filter": ("dapo_lightning.data_prep.modality_filter",
+                        "keep the rows a model answers only from image and text together (the paper's data step)"),
     "tiny-model": ("dapo_lightning.data_prep.tiny_model", "a tiny random Qwen2.5-VL checkpoint (offline tests)"),
     "fixtures": ("dapo_lightning.data_prep.fixtures", "the offline model and data a fit config asks for, if missing"),
 }

@@ -28,6 +28,11 @@ import torch
 
 from tests.reference.demo_fingerprint import REFERENCES, STEPS, fingerprint, markdown_digests, run, scalars
 
+# Scalars added on purpose since the every-callback recording, left out of its comparison (their values are worked by
+# hand in their own tests); the parameters, every recorded scalar and the logs must still match exactly.
+# Issue 14 (text bias): the vgr reward's health, logged by AttentionMetrics after each captured training step
+# (tests/test_text_bias.py).
+ADDED_SINCE = {"train/vgr_reward/gate_closed_groups", "train/vgr_reward/accuracy_spearman"}
 
 
 def assert_same_tensors(actual: dict, expected: dict) -> None:
@@ -56,7 +61,8 @@ def test_every_callback_run_ends_with_the_recorded_parameters_scalars_and_logs(t
     run_folder = run("every_callback", tmp_path)
     assert_same_tensors(fingerprint(run_folder / "final"), reference["tensors"])
     logged = scalars(run_folder)
-    assert sorted(logged) == sorted(reference["scalars"])
+    assert ADDED_SINCE.isdisjoint(reference["scalars"]) and "train/vgr_reward/gate_closed_groups" in logged
+    assert sorted(set(logged) - ADDED_SINCE) == sorted(reference["scalars"])
     for tag, points in reference["scalars"].items():
         torch.testing.assert_close(torch.tensor(logged[tag], dtype=torch.float64),
                                    torch.tensor(points, dtype=torch.float64), rtol=1e-5, atol=1e-6,

@@ -249,7 +249,10 @@ def captured_exit(run) -> tuple[object, str, object]:
 
 
 def check_cli(args, env):
-    """``dapo-lightning ARGS``: the real CLI parses ARGS and its configs; instantiation and the run are stubbed."""
+    """``dapo-lightning ARGS``: the real CLI parses ARGS and its configs; instantiation and the run are stubbed.
+    ``export`` has its own parser (``dapo_lightning/export.py``), stopped once it has parsed ARGS."""
+    if list(args[:1]) == ["export"]:
+        return check_python_target("dapo_lightning.export", args[1:], env, module=True)
     from lightning.pytorch.cli import LightningCLI
 
     import dapo_lightning.cli as cli

@@ -108,6 +108,15 @@ def _capture_kernel(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
 AttentionInterface.register(CAPTURE_KERNEL, _capture_kernel)
 
 
+def hooked_recorder(module: nn.Module) -> tuple[LayerRecorder, int] | None:
+    """The recorder and layer index a :class:`KernelHook` installed on attention ``module`` (None: not hooked).
+
+    A decoder that runs a layer's arithmetic without calling its attention module (``lean_decode``)
+    calls ``recorder.record(layer, query, key, ...)`` itself, with what the kernel would have received.
+    """
+    return getattr(module, _HOOKED, None)
+
+
 class KernelHook:
     """Context manager: ``layers`` of ``model`` run through the capture kernel, which calls ``recorder.record``.
 

@@ -40,6 +40,7 @@ from dapo_lightning.data import skipped as skipped_rows
 from dapo_lightning.data.collate import PromptCollator
 from dapo_lightning.data.locations import RowLocator, split_rows
 from dapo_lightning.data.samplers import ResumableShuffleSampler, ShardSampler
+from dapo_lightning.distributed import shards_parameters
 from dapo_lightning.data.settings import check_settings
 from dapo_lightning.prompts import SYSTEM_PROMPT
 
@@ -332,7 +333,7 @@ class VisualMCQDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-            sampler=ShardSampler(len(dataset), rank, world),
+            sampler=ShardSampler(len(dataset), rank, world, pad=shards_parameters(self.trainer)),
             num_workers=self.hparams.num_workers,
             collate_fn=self.collator(dataset.source),
         )

@@ -22,11 +22,17 @@ class ShardSampler(DistributedSampler):
 
     A ``DistributedSampler`` so that Lightning leaves it in place under DDP (it wraps any
     other sampler in a ``DistributedSamplerWrapper``, which would shard the shard again).
+    ``pad`` (parameters sharded over processes, where every forward is a collective): every rank gets
+    the same number of indices, the first ones repeated as ``DistributedSampler`` pads (at most W - 1
+    questions are then scored twice), so every process runs as many batches of the same sizes.
     """
 
-    def __init__(self, length: int, rank: int, world_size: int):
+    def __init__(self, length: int, rank: int, world_size: int, pad: bool = False):
         super().__init__(range(length), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
-        self.indices = list(range(rank, length, world_size))
+        order = list(range(length))
+        if pad and length:
+            order += order[: -length % world_size]
+        self.indices = order[rank::world_size]
 
     def __iter__(self):
         return iter(self.indices)

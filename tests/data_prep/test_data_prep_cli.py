@@ -17,7 +17,8 @@ from PIL import Image
 from dp_helpers import AOKVQA_FEATURES, MMMU_PRO_FEATURES, png, write_parquet
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["aokvqa", "visrag-arxivqa", "mmmu-pro", "merge", "validate", "synthetic", "tiny-model", "fixtures"]
+COMMANDS = ["aokvqa", "visrag-arxivqa", "mmmu-pro", "merge", "validate", "synthetic", "text-bias", "modality-filter",
+            "tiny-model", "fixtures"]
 
 
 def test_help_in_a_real_subprocess():

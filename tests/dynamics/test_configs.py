@@ -59,7 +59,7 @@ def test_every_yaml_under_configs_is_covered():
     every = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert every == set(TOP_LEVEL) | set(ABLATIONS) | set(STRATEGIES)
     assert {"demo.yaml", "cpu.yaml", *(f"{e}.yaml" for e in EXPERIMENTS)} <= set(TOP_LEVEL)
-    assert len(ABLATIONS) == 12 + 18 and len(STRATEGIES) == 4 and BENCHMARK_OVERLAYS
+    assert len(ABLATIONS) == 13 + 18 and len(STRATEGIES) == 4 and BENCHMARK_OVERLAYS
 
 
 @pytest.mark.parametrize("name", TOP_LEVEL)
@@ -254,6 +254,7 @@ OVERLAYS = {  # overlay: (the experiments it applies to, what it names)
     "ablations/grpo.yaml": (ALL, {"callbacks.replay_buffer": None, "callbacks.dynamic_sampling": None,
                                   "model.loss.epsilon_high": 0.2}),
     "ablations/clip_higher.yaml": (ALL, {"model.loss.epsilon_high": 0.28}),
+    "ablations/preference_shaping.yaml": (ALL, {"model.loss.preference_weight": 0.01}),  # SPEC 9
 }
 for _topk in (0.2, 0.4, 0.6):
     for _sigma in (0.0, 1.0, 2.0):
