@@ -89,7 +89,8 @@ class Actor:
 
             rollout = generate(self.model, batch, self.tokenizer, settings, self.token_ids, stage=stage,
                                shared_prompt=self.rollout_cfg.shared_prompt,
-                               on_decode_step=on_decode_step if recorders else None, lockstep=self.lockstep)
+                               on_decode_step=on_decode_step if recorders else None, lockstep=self.lockstep,
+                               lean_decode=self.rollout_cfg.lean_decode)
         for recorder in recorders:
             recorder.finish(rollout)
         return rollout

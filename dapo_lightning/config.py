@@ -142,6 +142,8 @@ class RolloutConfig:
     """Validation's repetition penalty (None: ``repetition_penalty``; 1.0: off), e.g. a model card's inference penalty while training stays on-policy."""
     shared_prompt: bool = True
     """Encode each image and run each prompt once per group, in generation and in the log-prob passes (same numbers, less work)."""
+    lean_decode: bool = True
+    """Run the shared-prompt decoder's decode steps from the language model's fused weights (q/k/v and gate/up as one product each, rotary prepared once, each group's prompt keys read once per step) instead of the model's forward: the same logits up to float rounding, so the same samples. Used when the model is a Qwen2-VL/Qwen2.5-VL text decoder in eval mode with plain or LoRA projections and unsharded parameters; otherwise (and when false) the model's forward runs."""
 
     # (key, valid value, the rule its error states) for the sampling keys; eval_<key> follows the same rule
     _SAMPLING_RULES = (

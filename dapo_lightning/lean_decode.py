@@ -18,13 +18,14 @@ arithmetic from the language model's own weights:
   per step, not G times.
 
 It samples what the model's forward samples: the same logits up to float rounding
-(``tests/test_lean_decode.py``). A layer whose attention module carries an attention recorder
-(``attention.capture.KernelHook``) keeps the repeated-prompt layout and hands the recorder the
-query and keys the kernel hook would. Recognised: Qwen2.5-VL and Qwen2-VL text decoders
-(exact module classes, SiLU MLP, default rotary type, full attention, plain or LoRA-wrapped
-``nn.Linear`` projections, no module hooks, unsharded parameters, eval mode);
-:func:`lean_decoder_weights` returns None for anything else and the decoder calls the model.
-``model.rollout.lean_decode`` turns it off.
+(``tests/test_lean_decode.py``). Recognised: Qwen2.5-VL and Qwen2-VL text decoders (exact module
+classes, SiLU MLP, default rotary type, full attention, plain or LoRA-wrapped ``nn.Linear``
+projections, no module hooks, unsharded parameters, eval mode); :func:`lean_decoder_weights`
+returns None for anything else and the decoder calls the model. It also returns None while an
+attention recorder is installed (``attention.capture.KernelHook``: capture during decoding):
+the recorded attention statistics are then those of the model's own kernels, bit for bit (the
+lean step's float rounding would move them in the last digits, and the run logs print them in
+full). ``model.rollout.lean_decode`` turns it off.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dapo_lightning.attention.capture import hooked_recorder
+from dapo_lightning.attention.capture import decoder_attention_modules, hooked_recorder
 from dapo_lightning.attention.shared_prefix import padding_bias, shared_prefix_attention
 
 # transformers module -> (text model, decoder layer, attention, MLP, RMS norm, rotary embedding) class names
@@ -62,7 +63,6 @@ class LayerWeights:
     post_norm: Tensor  # [D]
     gate_up: Tensor  # [2 I, D]: gate, up stacked
     down: Tensor  # [D, I]
-    attention: nn.Module  # the layer's attention module (for a recorder the capture installed on it)
 
 
 @dataclass
@@ -97,7 +97,8 @@ def lean_decoder_weights(model: nn.Module) -> LeanWeights | None:
             or config.hidden_act != "silu" or any(t != "full_attention" for t in config.layer_types)
             or config._attn_implementation not in _KERNELS or type(text.embed_tokens) is not nn.Embedding
             or type(text.norm) is not norm_cls or _has_hooks(text) or _has_hooks(top.lm_head)
-            or any(_sharded(p) for p in text.parameters())):
+            or any(_sharded(p) for p in text.parameters())
+            or any(hooked_recorder(m) is not None for m in decoder_attention_modules(top))):
         return None
     layers = []
     for layer in text.layers:
@@ -116,7 +117,6 @@ def lean_decoder_weights(model: nn.Module) -> LeanWeights | None:
         layers.append(LayerWeights(
             input_norm=layer.input_layernorm.weight, qkv=torch.cat([q, k, v]), qkv_bias=torch.cat([q_bias, k_bias, v_bias]),
             out=o, post_norm=layer.post_attention_layernorm.weight, gate_up=torch.cat([gate, up]), down=down,
-            attention=attn,
         ))
     head = _linear(top.lm_head)
     if head is None or head[1] is not None:
@@ -206,25 +206,12 @@ class LeanDecoder:
         self.sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)  # [steps, N, 1, d]
         bias = padding_bias(prompt_mask, dtype)  # [B, P]
         self.prefix_bias = bias.view(B, 1, 1, 1, P)  # [B, 1(Hkv), 1(G), 1(R), P]
-        self.layers = []
-        for index, layer in enumerate(w.layers):
+        self.layers = []  # per layer: the group's prompt keys/values once, each row's completion keys in a buffer
+        for index in range(len(w.layers)):
             keys, values = prompt_cache.layers[index].keys, prompt_cache.layers[index].values  # [B, Hkv, P, d]
-            recorder = hooked_recorder(layer.attention)
-            if recorder is None:  # the group's prompt keys once, each row's completion keys in a buffer
-                state = {"prefix_key": keys, "prefix_value": values,
-                         "suffix_key": keys.new_zeros(B, Hkv, G, steps, d),  # [B, Hkv, G, steps, d]
-                         "suffix_value": values.new_zeros(B, Hkv, G, steps, d)}
-            else:  # a recorder needs each row's keys over the whole cache: the repeated layout
-                full_key = keys.new_zeros(B, G, Hkv, P + steps, d)  # [B, G, Hkv, P + steps, d]
-                full_value = values.new_zeros(B, G, Hkv, P + steps, d)
-                full_key[..., :P, :] = keys.unsqueeze(1)
-                full_value[..., :P, :] = values.unsqueeze(1)
-                full_bias = torch.zeros(B * G, 1, 1, P + steps, dtype=dtype, device=device)  # [N, 1, 1, P + steps]
-                full_bias[..., :P] = bias.repeat_interleave(G, dim=0)[:, None, None, :]
-                state = {"full_key": full_key.view(B * G, Hkv, P + steps, d),
-                         "full_value": full_value.view(B * G, Hkv, P + steps, d), "full_bias": full_bias,
-                         "recorder": recorder}
-            self.layers.append(state)
+            self.layers.append({"prefix_key": keys, "prefix_value": values,
+                                "suffix_key": keys.new_zeros(B, Hkv, G, steps, d),  # [B, Hkv, G, steps, d]
+                                "suffix_value": values.new_zeros(B, Hkv, G, steps, d)})
 
     @torch.no_grad()
     def step(self, token: Tensor, t: int) -> Tensor:
@@ -242,34 +229,16 @@ class LeanDecoder:
             qk = qk * cos + qk.view(N, H + Hkv, 2, d // 2).flip(2).view(N, H + Hkv, d) * sin  # rotary, [N, H + Hkv, d]
             query, key = qk[:, :H], qk[:, H:]  # [N, H, d], [N, Hkv, d]
             value = qkv[:, (H + Hkv) * d :].view(N, Hkv, d)  # [N, Hkv, d]
-            if "recorder" not in state:
-                suffix_key, suffix_value = state["suffix_key"], state["suffix_value"]  # [B, Hkv, G, steps, d]
-                suffix_key[:, :, :, t] = key.view(B, G, Hkv, d).transpose(1, 2)
-                suffix_value[:, :, :, t] = value.view(B, G, Hkv, d).transpose(1, 2)
-                out = shared_prefix_attention(
-                    query.view(B, G, Hkv, rep, d).transpose(1, 2), state["prefix_key"], state["prefix_value"],
-                    self.prefix_bias, suffix_key[:, :, :, : t + 1], suffix_value[:, :, :, : t + 1], None, w.scale,
-                )  # [B, Hkv, G, rep, d]
-                attended = out.transpose(1, 2).reshape(N, H * d)  # [N, H d]
-            else:
-                attended = self._attend_repeated(state, query, key, value, t)
+            suffix_key, suffix_value = state["suffix_key"], state["suffix_value"]  # [B, Hkv, G, steps, d]
+            suffix_key[:, :, :, t] = key.view(B, G, Hkv, d).transpose(1, 2)
+            suffix_value[:, :, :, t] = value.view(B, G, Hkv, d).transpose(1, 2)
+            out = shared_prefix_attention(
+                query.view(B, G, Hkv, rep, d).transpose(1, 2), state["prefix_key"], state["prefix_value"],
+                self.prefix_bias, suffix_key[:, :, :, : t + 1], suffix_value[:, :, :, : t + 1], None, w.scale,
+            )  # [B, Hkv, G, rep, d]
+            attended = out.transpose(1, 2).reshape(N, H * d)  # [N, H d]
             hidden = torch.addmm(hidden, attended, layer.out.t())  # residual + o_proj, [N, D]
             x = _rms_norm(hidden, layer.post_norm, w.eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)  # [N, I] each
             hidden = torch.addmm(hidden, F.silu(gate) * up, layer.down.t())  # residual + down_proj, [N, D]
         return F.linear(_rms_norm(hidden, w.norm, w.eps), w.lm_head)  # [N, V]
-
-    def _attend_repeated(self, state: dict, query: Tensor, key: Tensor, value: Tensor, t: int) -> Tensor:
-        """Attention over the repeated-prompt cache, the recorder shown query and keys. -> [N, H d]"""
-        w = self.weights
-        N, S = self.N, self.P + t + 1
-        H, Hkv, d = w.num_heads, w.num_kv_heads, w.head_dim
-        state["full_key"][:, :, S - 1] = key
-        state["full_value"][:, :, S - 1] = value
-        keys, values = state["full_key"][:, :, :S], state["full_value"][:, :, :S]  # [N, Hkv, S, d]
-        grouped = query.view(N, Hkv, H // Hkv, d)  # [N, Hkv, rep, d]
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(w.scale) + state["full_bias"][..., :S]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [N, Hkv, rep, S]
-        recorder, index = state["recorder"]
-        recorder.record(index, query.unsqueeze(2), keys, scaling=w.scale, sliding_window=None)  # [N, H, 1, d]
-        return torch.matmul(probs, values).reshape(N, H * d)

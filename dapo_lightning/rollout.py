@@ -192,6 +192,7 @@ def generate_shared(
     stage: str = "train",
     on_decode_step: Callable[[int, Tensor], None] | None = None,
     lockstep: bool = False,
+    lean_decode: bool = True,
 ) -> RolloutBatch:
     """Sample G completions per prompt, encoding each image and prefilling each prompt once.
 
@@ -206,8 +207,15 @@ def generate_shared(
     when no process has a row left, not when this one's rows are done; one all-reduce of the
     "still running" flag per step. A process whose rows are done feeds padding (no sampling, no
     ``on_decode_step``), so its completions, and its random draws, are those it decodes alone.
+
+    ``lean_decode`` (``model.rollout.lean_decode``): the decode steps run ``lean_decode.LeanDecoder``
+    (the text decoder's arithmetic from its fused weights, the group's prompt keys read once per step)
+    when ``lean_decode.lean_decoder_weights`` recognises the model, else the model's forward; the same
+    logits up to float rounding, so the same samples (``tests/test_lean_decode.py``).
     """
     from transformers import DynamicCache
+
+    from dapo_lightning.lean_decode import LeanDecoder, lean_decoder_weights
 
     B, P = prompts.input_ids.shape
     G = settings.num_generations
@@ -216,7 +224,12 @@ def generate_shared(
     next_position = prompt_next_position(base_model(model), prompts)  # [B]
     cache = DynamicCache(config=base_model(model).config)
     out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
-    repeat_prompt_cache(cache, G, reserve=settings.max_new_tokens - 1)  # the last token is never fed back
+    weights = lean_decoder_weights(model) if lean_decode else None
+    if weights is not None:  # the prompts' keys/values stay once per group; the decoder keeps the completions'
+        lean = LeanDecoder(weights, cache, prompts.attention_mask, next_position, G, steps=settings.max_new_tokens - 1)
+    else:
+        lean = None
+        repeat_prompt_cache(cache, G, reserve=settings.max_new_tokens - 1)  # the last token is never fed back
     logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
     attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # [N, P]
     position = next_position.repeat_interleave(G)  # [N]
@@ -247,9 +260,12 @@ def generate_shared(
         position_ids = (position + t).view(1, -1, 1).expand(3, -1, 1)  # [3, N, 1]
         if on_decode_step is not None and not done:
             on_decode_step(t, attention_mask)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position_ids,
-                    cache=cache, use_cache=True)
-        logits = out.logits[:, -1]  # [N, V]
+        if lean is not None:
+            logits = lean.step(token, t)  # [N, V]
+        else:
+            out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position_ids,
+                        cache=cache, use_cache=True)
+            logits = out.logits[:, -1]  # [N, V]
     completion_ids = torch.stack(steps, dim=1)  # [N, T]
     return _rollout_from_ids(completion_ids, prompts, tokenizer, settings, token_ids, stage)
 
@@ -312,15 +328,17 @@ def generate(
     shared_prompt: bool = True,
     on_decode_step: Callable[[int, Tensor], None] | None = None,
     lockstep: bool = False,
+    lean_decode: bool = True,
 ) -> RolloutBatch:
     """G completions per prompt: prefilled once per prompt when the model allows it, else by ``model.generate``.
 
     ``on_decode_step`` is only called by the shared-prompt decoder (see ``uses_shared_prompt``). ``lockstep``:
-    every process decodes until all are done (parameters sharded: each forward is a collective).
+    every process decodes until all are done (parameters sharded: each forward is a collective). ``lean_decode``:
+    the shared-prompt decoder's decode steps run ``lean_decode.LeanDecoder`` where the model allows it.
     """
     if uses_shared_prompt(model, shared_prompt):
         return generate_shared(model, prompts, tokenizer, settings, token_ids, stage=stage,
-                               on_decode_step=on_decode_step, lockstep=lockstep)
+                               on_decode_step=on_decode_step, lockstep=lockstep, lean_decode=lean_decode)
     return generate_hf(model, prompts, tokenizer, settings, token_ids, stage=stage, lockstep=lockstep)
 
 

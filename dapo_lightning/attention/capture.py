@@ -111,8 +111,8 @@ AttentionInterface.register(CAPTURE_KERNEL, _capture_kernel)
 def hooked_recorder(module: nn.Module) -> tuple[LayerRecorder, int] | None:
     """The recorder and layer index a :class:`KernelHook` installed on attention ``module`` (None: not hooked).
 
-    A decoder that runs a layer's arithmetic without calling its attention module (``lean_decode``)
-    calls ``recorder.record(layer, query, key, ...)`` itself, with what the kernel would have received.
+    A decoder that would run a layer's arithmetic without calling its attention module (``lean_decode``)
+    checks this and calls the model instead, so the recorder sees the model's own kernels' tensors.
     """
     return getattr(module, _HOOKED, None)
 

@@ -118,7 +118,8 @@ def main(out: str, model_dir: str, parquet: str) -> None:
     result["shared_width"] = rollout.completion_ids.shape[1]
     reset()
     torch.manual_seed(10 + rank)
-    alone_rollout = generate_shared(alone, prompts, processor.tokenizer, settings, token_ids)
+    # lean_decode off: the count is of model forwards (the lean step, which this unsharded copy would take, makes none)
+    alone_rollout = generate_shared(alone, prompts, processor.tokenizer, settings, token_ids, lean_decode=False)
     result["alone_forwards"] = alone_forwards.take()  # what each process would make without lockstep
     reset()
     result["shared_same_as_alone"] = torch.equal(rollout.completion_ids, alone_rollout.completion_ids)
