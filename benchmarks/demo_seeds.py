@@ -22,7 +22,6 @@ written as Markdown and JSON under ``--out``.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -33,6 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the worktree's packages first
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.scalars import scalar_curves  # noqa: E402
+
 VARIANTS = {
     "grpo": ROOT / "benchmarks" / "configs" / "demo_grpo.yaml",
     "dapo": ROOT / "benchmarks" / "configs" / "demo_dapo.yaml",
@@ -40,15 +44,7 @@ VARIANTS = {
 
 
 def read_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points: dict[int, float] = {}
-    for path in sorted(glob.glob(str(run_dir / "**" / "events.out.tfevents*"), recursive=True)):
-        events = EventAccumulator(path, size_guidance={"scalars": 0})
-        events.Reload()
-        if tag in events.Tags()["scalars"]:
-            points.update({e.step: e.value for e in events.Scalars(tag)})
-    return sorted(points.items())
+    return scalar_curves(run_dir).get(tag, [])
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.scalars import scalar_tags
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dapo_lightning.cli"]
 
@@ -36,16 +38,6 @@ def demo_overrides(tmp_path: Path, steps: int = 3) -> list[str]:
         f"--model.policy.model_name_or_path={tmp_path / 'model'}", f"--data.train_path={tmp_path / 'data.parquet'}",
         "--data.eval_limit=4", "--data.batch_size=2", "--trainer.enable_progress_bar=false",
     ]
-
-
-def scalar_tags(run_dir: Path) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = sorted(run_dir.rglob("events.out.tfevents.*"))
-    assert events, f"no TensorBoard event file under {run_dir}"
-    accumulator = EventAccumulator(str(events[-1]))
-    accumulator.Reload()
-    return set(accumulator.Tags()["scalars"])
 
 
 @pytest.mark.slow

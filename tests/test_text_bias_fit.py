@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset
 
 from dapo_lightning.cli import main
-from tests.test_cli import scalar_tags
+from benchmarks.scalars import scalar_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 

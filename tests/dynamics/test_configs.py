@@ -32,7 +32,8 @@ EXPERIMENTS = ["exp1", "exp2", "exp3", "exp4", "exp5", "lora"]
 TOP_LEVEL = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 ABLATIONS = sorted(str(p.relative_to(CONFIGS)) for p in (CONFIGS / "ablations").rglob("*.yaml"))
 STRATEGIES = sorted(str(p.relative_to(CONFIGS)) for p in (CONFIGS / "strategies").glob("*.yaml"))
-BENCHMARK_OVERLAYS = sorted(str(p) for p in (ROOT / "benchmarks" / "configs").glob("*.yaml"))
+# benchmarks/demo_seeds.py's overlays, stacked on the demo (benchmarks/configs/text_bias.yaml stacks on the experiments)
+BENCHMARK_OVERLAYS = sorted(str(p) for p in (ROOT / "benchmarks" / "configs").glob("demo_*.yaml"))
 
 
 class ParseOnlyCLI(DAPOLightningCLI):
@@ -377,6 +378,37 @@ def test_a_benchmark_overlay_switches_the_demos_diagnostics_off(parser, path):
     cfg = parse(parser, "demo.yaml", path)
     expected = ["DynamicSampling", "ReplayBuffer"] if path.endswith("demo_dapo.yaml") else []
     assert names(effective_callbacks(cfg)) == expected
+    check_stack(cfg)
+
+
+ABLATION_TABLE = ["exp1", "exp2", "exp3", "exp4", "exp5", "exp3+preference_shaping", "exp3+grpo",
+                  *(f"exp3+{p.stem}" for p in sorted((ROOT / "benchmarks" / "configs" / "ablations").glob("*.yaml")))]
+
+
+@pytest.mark.parametrize("experiment", ABLATION_TABLE)
+def test_the_text_bias_overlay_keeps_each_experiments_rewards_and_runs_the_tiny_model(parser, experiment):
+    """benchmarks/ablations.py: expN [+ overlays] + benchmarks/configs/text_bias.yaml changes the model, the lengths,
+    the data and the diagnostics, never the rewards, their weights, the warm-up or the replay buffer."""
+    from benchmarks.ablations import TEXT_BIAS, experiment_configs
+
+    stack = [str(p) for p in experiment_configs(experiment)]
+    own, cfg = parse(parser, *stack), parse(parser, *stack, str(TEXT_BIAS))
+    assert cfg.model.rewards.reward_funcs == own.model.rewards.reward_funcs
+    assert cfg.model.rewards.reward_weights == own.model.rewards.reward_weights
+    for name in ("RewardWeightWarmup", "ReplayBuffer", "TokenWeights", "DynamicSampling"):
+        assert callback(cfg, name) == callback(own, name), name
+    assert cfg.model.loss == own.model.loss  # clip range, preference term
+    assert cfg.model.optim.warmup_ratio == own.model.optim.warmup_ratio == 0.05  # the warm-up stays 5% of the steps
+    assert names(effective_callbacks(cfg))[-2:] == ["TextBiasMetrics", "ModalityProbe"]
+    assert callback(cfg, "AttentionMetrics").every_n_steps == 1
+    assert callback(cfg, "ModelCheckpoint") is None and callback(cfg, "MarkdownRolloutLog") is None
+    assert callback(cfg, "ModalityProbe").variants == ["image_text", "text_black"]
+    policy, rollout = cfg.model.policy, cfg.model.rollout
+    assert (policy.model_name_or_path, policy.lora, policy.dtype) == (".cache/models/tiny", None, "float32")
+    assert (rollout.num_generations, rollout.max_completion_length, rollout.eval_greedy) == (8, 2, True)
+    assert (cfg.trainer.accelerator, cfg.trainer.strategy, cfg.trainer.precision) == ("cpu", "auto", "32-true")
+    assert (cfg.data.batch_size, cfg.data.build_synthetic_if_missing["task"], cfg.data.system_prompt) == (
+        8, "text_bias", None)
     check_stack(cfg)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.scalars import scalar_events
+
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = Path(__file__).parent
 REFERENCES = {"demo": FOLDER / "demo_50_steps.json", "every_callback": FOLDER / "every_callback_12_steps.json"}
@@ -67,16 +69,8 @@ def fingerprint(model_folder: Path) -> dict[str, list[float]]:
 
 def scalars(run_folder: Path) -> dict[str, list[list[float]]]:
     """{tag: [[step, value], ...]} of every TensorBoard scalar but the wall-clock ones."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[list[float]]] = {}
-    for events in sorted(run_folder.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            if not any(part in tag for part in UNTIMED):
-                out.setdefault(tag, []).extend([[e.step, e.value] for e in accumulator.Scalars(tag)])
-    return dict(sorted(out.items()))
+    return {tag: [[step, value] for step, value in points] for tag, points in scalar_events(run_folder).items()
+            if not any(part in tag for part in UNTIMED)}
 
 
 def markdown_digests(run_folder: Path) -> dict[str, str]:
