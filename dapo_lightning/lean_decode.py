@@ -168,6 +168,35 @@ def _sharded(parameter: Tensor) -> bool:
     return hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor" or parameter.numel() == 0
 
 
+def _normalized(x: Tensor, constants: tuple[Tensor, Tensor]) -> Tensor:
+    """``_rms_norm`` without its weight, for float32 ``x``: ``mean`` is ``sum`` then ``div_``; D and eps as 0-d tensors
+    of ``x``'s dtype (the values the kernels cast Python scalars to, without the casts' copies). [n, D]"""
+    width, eps = constants
+    return x * x.pow(2).sum(-1, keepdim=True).div_(width).add_(eps).rsqrt_()
+
+
+def _packed_linear(weight: Tensor, rows: int):
+    """``x @ weight.T + bias`` as a function of (x, weight, bias), with ``weight`` [out, in] prepacked for oneDNN.
+
+    At a decode step's few rows MKL's GEMM costs about twice oneDNN's on prepacked weights (``docs/performance.md``).
+    None where oneDNN's linear is unavailable or fails on the CPU (other builds, other torch versions).
+    """
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        torch.ops.mkldnn._linear_pointwise(weight.new_zeros(rows, weight.shape[1]), packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    return packed
+
+
+def _dnnl_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _addmm_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``Qwen2_5_VLRMSNorm``'s arithmetic (float32 statistics, the weight applied in the input dtype). [n, D]"""
     x32 = x.float()
@@ -184,10 +213,26 @@ class LeanDecoder:
         next_position: [B] each prompt's rotary position of its first completion token.
         repeats: G, rows per prompt (row b * G + g holds prompt b, as ``repeat_interleave`` orders them).
         steps: the most tokens :meth:`step` will be fed (the decoder's max_new_tokens - 1).
+        fast: run :meth:`_step_fast` (None: in float32 and float64, see below).
+
+    In float32 (the CPU dtype) the step runs :meth:`_step_fast`, the same arithmetic in fewer, larger kernels
+    (at the CPU benchmark's sizes a kernel costs about what its arithmetic does, ``docs/performance.md``):
+
+    - each RMS norm's weight folded into the projection after it (``W diag(w)``), the attention scale into the
+      queries' rotary factors (for a power-of-two scale, as at head size 64 or 16, exactly what scaling the scores does);
+    - each head's q/k channels reordered so the two rotary halves interleave (channel j next to j + d/2: the
+      prompt's cached keys reordered alike once per rollout; a dot product does not depend on the order), so the
+      rotary embedding is one complex product per step instead of four kernels;
+    - the prompt's keys and values repeated for the query heads that share them (once per rollout, not per row),
+      so no query is copied into a grouped layout; each row's completion keys and values in one buffer, written
+      with one copy per step; the prompt's padding bias only where a prompt has padding (adding 0 changes nothing).
+
+    Other dtypes (bfloat16 on a GPU) run :meth:`_step_general`, the unfolded step (folding a weight into another
+    would round it to 8 bits once more).
     """
 
     def __init__(self, weights: LeanWeights, prompt_cache, prompt_mask: Tensor, next_position: Tensor, repeats: int,
-                 steps: int):
+                 steps: int, fast: bool | None = None):
         w = self.weights = weights
         B, P = prompt_mask.shape
         G, Hkv, d = repeats, w.num_kv_heads, w.head_dim
@@ -195,9 +240,13 @@ class LeanDecoder:
         steps = max(steps, 1)
         dtype = w.embed.dtype
         device = prompt_mask.device
-        # rotary cos/sin of every decode position, [steps, N, 1, d]: step t of row r sits at next_position + t
+        # rotary angles of every decode position, [steps, N, d / 2]: step t of row r sits at next_position + t
         positions = next_position.repeat_interleave(G).to(device)[None, :] + torch.arange(steps, device=device)[:, None]
         freqs = positions[..., None].float() * w.inv_freq.to(device)  # [steps, N, d / 2]
+        self.fast = dtype in (torch.float32, torch.float64) if fast is None else fast
+        if self.fast:
+            self._init_fast(prompt_cache, prompt_mask, freqs, steps)
+            return
         angles = torch.cat([freqs, freqs], dim=-1)  # [steps, N, d]
         self.cos = (angles.cos() * w.rope_scaling).to(dtype).unsqueeze(2)  # [steps, N, 1, d]
         half = d // 2
@@ -213,9 +262,85 @@ class LeanDecoder:
                                 "suffix_key": keys.new_zeros(B, Hkv, G, steps, d),  # [B, Hkv, G, steps, d]
                                 "suffix_value": values.new_zeros(B, Hkv, G, steps, d)})
 
+    def _init_fast(self, prompt_cache, prompt_mask: Tensor, freqs: Tensor, steps: int) -> None:
+        """:meth:`_step_fast`'s weights, rotary factors and caches (see the class docstring)."""
+        w = self.weights
+        B, P, N = self.B, self.P, self.N
+        H, Hkv, d = w.num_heads, w.num_kv_heads, w.head_dim
+        rep, half = H // Hkv, d // 2
+        device = prompt_mask.device
+        # channel order of a rotated head: (0, d/2, 1, d/2 + 1, ...), each rotary pair adjacent (a complex number)
+        pairs = torch.arange(d, device=device).view(2, half).t().reshape(d)  # [d]
+        heads = (torch.arange(H + Hkv, device=device) * d)[:, None]
+        order = torch.cat([(heads + pairs).reshape(-1), torch.arange((H + Hkv) * d, (H + 2 * Hkv) * d, device=device)])
+        # rotary factors (cos + i sin) * attention_scaling as the model computes them; the queries' times the scale
+        cos, sin = freqs.cos() * w.rope_scaling, freqs.sin() * w.rope_scaling  # [steps, N, d / 2] float32
+        self.rotate_key = torch.complex(cos, sin).unsqueeze(2)  # [steps, N, 1, d / 2]
+        self.rotate_query = torch.complex(cos * w.scale, sin * w.scale).unsqueeze(2)
+        if w.embed.dtype == torch.float64:
+            self.rotate_key, self.rotate_query = self.rotate_key.to(torch.complex128), self.rotate_query.to(torch.complex128)
+        bias = padding_bias(prompt_mask, w.embed.dtype)  # [B, P]
+        self.bias = bias.view(B, 1, 1, P) if bool((prompt_mask == 0).any()) else None  # [B, 1(G), 1(H), P]
+        self.norm_constants = (torch.tensor(float(w.embed.shape[1]), dtype=w.embed.dtype, device=device),
+                               torch.tensor(w.eps, dtype=w.embed.dtype, device=device))  # D, eps (Python scalars cast)
+        self.fast_layers = []
+        dnnl = (device.type == "cpu" and w.embed.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                and _packed_linear(w.layers[0].down, N) is not None)
+        self.linear = _dnnl_linear if dnnl else _addmm_linear
+        prepare = (lambda weight: _packed_linear(weight, N)) if dnnl else (lambda weight: weight.t())
+        for layer, cached in zip(w.layers, prompt_cache.layers):
+            # the prompt once per group, for each query head (rotated channel order): [B, H, d, P], [B, H, P, d]
+            prefix_key_t = cached.keys[..., pairs].repeat_interleave(rep, dim=1).transpose(-1, -2)
+            prefix_value = cached.values.repeat_interleave(rep, dim=1)
+            self.fast_layers.append((
+                prepare((layer.qkv * layer.input_norm)[order]), layer.qkv_bias[order],  # [(H + 2 Hkv) d, D] and bias
+                layer.out.t(), prepare(layer.gate_up * layer.post_norm), prepare(layer.down),  # [H d, D], [2 I, D], [D, I]
+                prefix_key_t, prefix_value, prefix_value.new_zeros(2, N, Hkv, steps, d),  # completions' keys, values
+            ))
+        self.head = (w.lm_head * w.norm).t()  # [D, V]
+
     @torch.no_grad()
     def step(self, token: Tensor, t: int) -> Tensor:
         """Feed completion token ``t`` of every row ([N] ids); the next-token logits. -> [N, V]"""
+        if self.fast:
+            with torch.inference_mode():
+                return self._step_fast(token, t)
+        return self._step_general(token, t)
+
+    def _step_fast(self, token: Tensor, t: int) -> Tensor:
+        """:meth:`step` in float32: folded weights, complex rotary, one score tensor per layer. -> [N, V]"""
+        w = self.weights
+        B, G, N, P = self.B, self.G, self.N, self.P
+        H, Hkv, d = w.num_heads, w.num_kv_heads, w.head_dim
+        rep, half = H // Hkv, d // 2
+        rotate_query, rotate_key, bias = self.rotate_query[t], self.rotate_key[t], self.bias  # [N, 1, d / 2]
+        linear, constants, S = self.linear, self.norm_constants, t + 1
+        hidden = F.embedding(token, w.embed)  # [N, D]
+        for qkv_w, qkv_b, out_w, gate_up_w, down_w, prefix_key_t, prefix_value, completion in self.fast_layers:
+            qkv = linear(_normalized(hidden, constants), qkv_w, qkv_b)  # RMS norm (weight folded), q/k/v [N, (H + 2 Hkv) d]
+            query = torch.view_as_real(torch.view_as_complex(qkv[:, : H * d].view(N, H, half, 2)) * rotate_query)
+            torch.view_as_complex(qkv[:, H * d : (H + Hkv) * d].view(N, Hkv, half, 2)).mul_(rotate_key)  # keys rotated
+            completion[:, :, :, t] = qkv[:, H * d :].view(N, 2, Hkv, d).transpose(0, 1)  # this step's keys, values
+            query = query.view(N * Hkv, rep, d)  # rotated and scaled, contiguous
+            keys, values = completion[0].view(N * Hkv, -1, d)[:, :S], completion[1].view(N * Hkv, -1, d)[:, :S]
+            # shared-prefix attention: the group's prompt keys once for its G rows, each row's own completion keys
+            scores = torch.cat([
+                torch.matmul(query.view(B, G, H, d).transpose(1, 2), prefix_key_t).transpose(1, 2),  # [B, G, H, P]
+                torch.bmm(query, keys.transpose(1, 2)).view(B, G, H, S),  # [N Hkv, rep, S] -> [B, G, H, S]
+            ], dim=-1)  # [B, G, H, P + S]
+            if bias is not None:
+                scores[..., :P] += bias
+            probs = torch.softmax(scores, dim=-1)  # [B, G, H, P + S]
+            attended = torch.bmm(probs[..., P:].view(N * Hkv, rep, S), values).view(B, G, H, d)
+            attended.add_(torch.matmul(probs[..., :P].transpose(1, 2), prefix_value).transpose(1, 2))  # [B, G, H, d]
+            hidden = torch.addmm(hidden, attended.view(N, H * d), out_w)  # residual + o_proj, [N, D]
+            gate_up = linear(_normalized(hidden, constants), gate_up_w, None)  # [N, 2 I]
+            inner = gate_up.shape[1] // 2
+            hidden = linear(F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:]), down_w, None).add_(hidden)  # [N, D]
+        return torch.mm(_normalized(hidden, constants), self.head)  # [N, V]
+
+    def _step_general(self, token: Tensor, t: int) -> Tensor:
+        """:meth:`step` in any dtype: the model's arithmetic with fused projections. -> [N, V]"""
         w = self.weights
         B, G, N = self.B, self.G, self.N
         H, Hkv, d = w.num_heads, w.num_kv_heads, w.head_dim

@@ -138,7 +138,8 @@ def processed_logits(logits: Tensor, settings: SamplingSettings, suppress: Tenso
         logits = logits.index_fill(-1, suppress, -math.inf)  # [n, V]
     if settings.greedy:
         return logits
-    logits = logits / settings.temperature  # TemperatureLogitsWarper
+    if settings.temperature != 1.0:  # TemperatureLogitsWarper (dividing by 1 changes nothing)
+        logits = logits / settings.temperature
     if settings.top_k and settings.top_k < logits.shape[-1]:  # TopKLogitsWarper
         kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # [n, 1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -242,13 +243,15 @@ def generate_shared(
     # the repetition penalty's tokens: prompt, then each step's (a finished row's pad too, as generate appends it)
     seen = prompt_tokens_seen(prompts, V).repeat_interleave(G, dim=0) if settings.repetition_penalty != 1.0 else None
     done = False  # every row of this process has its EOS (or the length limit)
+    # the lean step needs neither the growing attention mask nor the position ids: made only for the model or the hook
+    masks = lean is None or on_decode_step is not None
     for t in range(settings.max_new_tokens):
         if not done:
             token = sample_next(logits, settings, suppress_eos if t < settings.min_new_tokens else suppress,
                                 seen[:, :V] if seen is not None else None)  # [N]
-            token = torch.where(finished, torch.full_like(token, token_ids.pad), token)
+            token = token.masked_fill_(finished, token_ids.pad)  # a finished row feeds padding
             steps.append(token)
-            finished |= torch.isin(token, eos)
+            finished |= token == eos if len(token_ids.eos) == 1 else torch.isin(token, eos)
             if seen is not None:
                 seen.scatter_(1, token.clamp(max=V).unsqueeze(1), True)  # [N, V + 1]
             done = bool(finished.all()) or t == settings.max_new_tokens - 1
@@ -256,13 +259,14 @@ def generate_shared(
             break
         if done:  # lockstep: idle on padding while another process decodes
             token = torch.full_like(token, token_ids.pad)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # [N, P + t + 1]
-        position_ids = (position + t).view(1, -1, 1).expand(3, -1, 1)  # [3, N, 1]
+        if masks:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # [N, P + t + 1]
         if on_decode_step is not None and not done:
             on_decode_step(t, attention_mask)
         if lean is not None:
             logits = lean.step(token, t)  # [N, V]
         else:
+            position_ids = (position + t).view(1, -1, 1).expand(3, -1, 1)  # [3, N, 1]
             out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position_ids,
                         cache=cache, use_cache=True)
             logits = out.logits[:, -1]  # [N, V]

@@ -99,6 +99,28 @@ def test_one_lean_step_is_the_model_forward_on_the_repeated_cache(policy, proces
     assert_close(got, expected, **LOGIT_TOLERANCE)
 
 
+@pytest.mark.parametrize("G", [1, 4])
+def test_the_fast_step_is_the_general_step(policy, processor, prompt_batch, G):
+    """Float32's step (norm weights folded, complex rotary on reordered channels, oneDNN's prepacked projections where
+    available) gives the logits of the step other dtypes run, over prompts with left padding, at every step."""
+    from transformers import DynamicCache
+
+    policy.eval()
+    inputs = prompt_batch.model_inputs(torch.float32)
+    next_position = rollout_module.prompt_next_position(policy, prompt_batch)  # [B]
+    tokens = torch.randint(0, policy.config.text_config.vocab_size, (5, len(prompt_batch) * G),
+                           generator=torch.Generator().manual_seed(0))  # [steps, N]
+    with torch.no_grad():
+        cache = DynamicCache(config=policy.config)
+        policy(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        weights = lean_decoder_weights(policy)
+        fast, general = (LeanDecoder(weights, cache, prompt_batch.attention_mask, next_position, G, steps=5, fast=f)
+                         for f in (True, False))
+        assert fast.fast and not general.fast and fast.bias is not None  # the fixture's prompts are padded
+        for t, token in enumerate(tokens):
+            assert_close(fast.step(token, t), general.step(token, t), **LOGIT_TOLERANCE)
+
+
 def test_lean_decode_under_lora(policy, processor, prompt_batch, monkeypatch):
     model = apply_lora(policy, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
     torch.manual_seed(5)
