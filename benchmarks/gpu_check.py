@@ -166,10 +166,11 @@ def _peak_rss_mib() -> float:
 
 
 def peer(args, prepared: dict) -> dict:
-    """``benchmarks/peer_trl.py`` on the 3b shape, shortened; its JSON summary."""
+    """``benchmarks/peer_trl.py`` on the 3b shape, shortened to fit its share of the budget (ours against stock and
+    tuned TRL; the shared-prompt-off row, the slowest, is left to a full run of that command); its JSON summary."""
     out = Path(args.cache) / "peer_trl.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "peer_trl.py"), "--shapes", "3b", "--device", "cuda",
-               "--dtype", "bfloat16", "--steps", str(args.peer_steps), "--warmup", "1", "--prompts", str(args.prompts),
+               "--dtype", "bfloat16", "--systems", "ours,trl,trl-static", "--steps", str(args.peer_steps), "--warmup", "1", "--prompts", str(args.prompts),
                "--generations", str(args.generations), "--completion-length", str(args.completion_length),
                "--cache", str(args.cache), "--out", str(out)]  # the same cache: the 3b model folder built by prepare
     subprocess.run(command, cwd=ROOT, check=True)
