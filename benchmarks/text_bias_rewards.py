@@ -17,57 +17,20 @@ every group is ungated).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-from dapo_lightning.rewards.vgr import grounding_score
-
-RELATIVE_FLOOR = 0.10  # SPEC 2's relative part of the gate, 0.10 x median
-
-
-def _usable(value: Any) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def relative_group_statistics(values: Sequence[float]) -> tuple[float, float] | None:
-    """(q_hi, iqr) of a group's VGR values as SPEC 2 takes them, or None when n < 3, iqr < 0.10 x median or
-    iqr <= 1e-6 (no absolute floor)."""
-    valid = sorted(float(v) for v in values if _usable(v))
-    n = len(valid)
-    if n < 3:
-        return None
-    q_low, q_high = (0.25, 0.75) if n < 10 else (0.10, 0.90)
-    low, high = valid[int(q_low * n)], valid[int(q_high * n)]
-    iqr = high - low
-    if iqr < RELATIVE_FLOOR * valid[n // 2] or iqr <= 1e-6:
-        return None
-    return high, iqr
+from dapo_lightning.rewards.vgr import grounding_scores
 
 
 def vgr_relative_gate(
     completions: list, vgr: Sequence[float] | None = None, num_generations: int = 1, **kwargs: Any
 ) -> list[float]:
-    """SPEC 2's ``vgr`` reward with the gate iqr < 0.10 x median, per completion in [0, 1]."""
+    """SPEC 2's ``vgr`` reward with the gate iqr < 0.10 x median (no absolute floor), per completion in [0, 1]."""
     if vgr is None or len(vgr) != len(completions):
         raise ValueError("vgr_relative_gate needs one VGR value per completion (keyword vgr): add "
                          "dapo_lightning.callbacks.AttentionMetrics to trainer.callbacks")
-    G = int(num_generations)
-    out = [0.5] * len(completions)
-    if G <= 1:
-        return out
-    for start in range(0, len(completions) - G + 1, G):
-        group = list(vgr[start : start + G])
-        stats = relative_group_statistics(group)
-        if stats is None:
-            continue
-        for offset, value in enumerate(group):
-            if _usable(value):
-                out[start + offset] = grounding_score(float(value), *stats)
-    return out
+    return grounding_scores(vgr, num_generations, absolute_floor=0.0)
 
 
 vgr_relative_gate.reward_needs = ("vgr",)  # rewards.registry: a dotted-path reward declares what it reads

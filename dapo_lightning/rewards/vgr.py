@@ -32,8 +32,13 @@ from dapo_lightning.rewards.registry import register_reward
 PROVIDER = "dapo_lightning.callbacks.AttentionMetrics"
 
 
-def group_statistics(values: Sequence[float]) -> tuple[float, float] | None:
-    """(q_hi, iqr) of a group's VGR values, or None when they cannot rank the group (SPEC 2)."""
+ABSOLUTE_FLOOR = 5.0  # SPEC 2's gate: no ranking when iqr < max(ABSOLUTE_FLOOR, 0.10 x median)
+
+
+def group_statistics(values: Sequence[float], absolute_floor: float = ABSOLUTE_FLOOR) -> tuple[float, float] | None:
+    """(q_hi, iqr) of a group's VGR values, or None when they cannot rank the group (SPEC 2).
+
+    ``absolute_floor``: the gate's absolute part (SPEC 2's 5.0; a variant for small models may lower it)."""
     valid = sorted(v for v in values if _is_valid(v))
     n = len(valid)
     if n < 3:
@@ -42,7 +47,7 @@ def group_statistics(values: Sequence[float]) -> tuple[float, float] | None:
     low, high = valid[int(q_low * n)], valid[int(q_high * n)]
     iqr = high - low
     median = valid[n // 2]
-    if iqr < max(5.0, 0.10 * median) or iqr <= 1e-6:
+    if iqr < max(absolute_floor, 0.10 * median) or iqr <= 1e-6:
         return None
     return high, iqr
 
@@ -74,13 +79,19 @@ def vgr_reward(
     completions: list, vgr: Sequence[float] | None = None, num_generations: int = 1, **kwargs: Any
 ) -> list[float]:
     """SPEC 2 ``vgr`` reward per completion, in [0, 1]."""
-    G = _check("vgr", completions, vgr, num_generations)
-    out = [0.5] * len(completions)
+    return grounding_scores(vgr, _check("vgr", completions, vgr, num_generations))
+
+
+def grounding_scores(vgr: Sequence[float], num_generations: int, absolute_floor: float = ABSOLUTE_FLOOR) -> list[float]:
+    """The ``vgr`` reward of each row: its group's score where the group's statistics rank it (``group_statistics``
+    with ``absolute_floor``) and the row's VGR is valid, else 0.5 (rows past the last full group too)."""
+    G = int(num_generations)
+    out = [0.5] * len(vgr)
     if G <= 1:
         return out
-    for start in range(0, len(completions) - G + 1, G):
+    for start in range(0, len(vgr) - G + 1, G):
         group = list(vgr[start : start + G])
-        stats = group_statistics(group)
+        stats = group_statistics(group, absolute_floor)
         if stats is None:
             continue
         for offset, value in enumerate(group):
