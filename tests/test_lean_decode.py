@@ -121,6 +121,29 @@ def test_the_fast_step_is_the_general_step(policy, processor, prompt_batch, G):
             assert_close(fast.step(token, t), general.step(token, t), **LOGIT_TOLERANCE)
 
 
+def test_without_onednn_the_fast_step_runs_on_plain_matrix_products(policy, processor, prompt_batch, monkeypatch):
+    """A torch build without oneDNN's private linear (``_packed_linear`` -> None) gets ``addmm`` on the same folded
+    weights: the same logits as the general step."""
+    import dapo_lightning.lean_decode as lean_decode
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(lean_decode, "_packed_linear", lambda weight, rows: None)
+    policy.eval()
+    G = 3
+    next_position = rollout_module.prompt_next_position(policy, prompt_batch)  # [B]
+    tokens = torch.randint(0, policy.config.text_config.vocab_size, (4, len(prompt_batch) * G),
+                           generator=torch.Generator().manual_seed(1))  # [steps, N]
+    with torch.no_grad():
+        cache = DynamicCache(config=policy.config)
+        policy(**prompt_batch.model_inputs(torch.float32), cache=cache, use_cache=True, logits_to_keep=1)
+        weights = lean_decoder_weights(policy)
+        fast, general = (LeanDecoder(weights, cache, prompt_batch.attention_mask, next_position, G, steps=4, fast=f)
+                         for f in (True, False))
+        assert fast.fast and fast.linear is lean_decode._addmm_linear
+        for t, token in enumerate(tokens):
+            assert_close(fast.step(token, t), general.step(token, t), **LOGIT_TOLERANCE)
+
+
 def test_lean_decode_under_lora(policy, processor, prompt_batch, monkeypatch):
     model = apply_lora(policy, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
     torch.manual_seed(5)
